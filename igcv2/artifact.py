@@ -1,0 +1,191 @@
+"""Model store artifacts: ``<store>/<name>/<version>/config.json`` + ``model.safetensors``.
+
+The weights are safetensors only (nothing here unpickles); ``config.json`` carries what is
+needed to rebuild the network (builder + kwargs), to feed it (input spec) and to explain it
+(labels, metrics, training recipe). The SHA-256 of the weights file is checked on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from igcv2.complexity import count_macs, count_params
+from igcv2.networks import build
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ArtifactError(ValueError):
+    """An artifact cannot be loaded; the message names the file and the reason."""
+
+
+class Architecture(BaseModel):
+    builder: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class InputSpec(BaseModel):
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: int = Field(ge=1, le=3)
+    mean: list[float]
+    std: list[float]
+
+    @field_validator("channels")
+    @classmethod
+    def _one_or_three(cls, v: int) -> int:
+        if v not in (1, 3):
+            raise ValueError("channels must be 1 or 3")
+        return v
+
+    def shape(self) -> tuple[int, int, int]:
+        return self.channels, self.height, self.width
+
+
+class ArtifactConfig(BaseModel):
+    """The contract of ``config.json`` (DESIGN.md section 3); unknown keys are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: int = Field(gt=0)
+    architecture: Architecture
+    labels: list[str] = Field(min_length=1)
+    input: InputSpec
+    weights_sha256: str
+    params: int
+    macs: int
+    metrics: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+    serving: dict[str, Any] = Field(default_factory=dict)
+    untrained: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not MODEL_NAME.match(v):
+            raise ValueError(f"model name {v!r} must match {MODEL_NAME.pattern}")
+        return v
+
+
+@dataclass
+class Artifact:
+    config: ArtifactConfig
+    model: nn.Module
+    path: Path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions(model_dir: Path) -> list[int]:
+    """Integer version folders present under a model directory, ascending."""
+    if not Path(model_dir).is_dir():
+        return []
+    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def read_config(path: Path) -> ArtifactConfig:
+    """Read and validate ``config.json`` of one version folder."""
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise ArtifactError(f"missing {config_path}")
+    try:
+        return ArtifactConfig.model_validate(json.loads(config_path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{config_path} is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ArtifactError(f"{config_path} is invalid: {problems}") from exc
+
+
+def load_artifact(path: Path) -> Artifact:
+    """Load one version folder: validate config, check the checksum, rebuild, load weights."""
+    path = Path(path)
+    config = read_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"missing {weights}")
+    actual = sha256_file(weights)
+    if actual != config.weights_sha256:
+        raise ArtifactError(f"checksum mismatch for {weights}: config says {config.weights_sha256}, file is {actual}")
+    try:
+        model = build(config.architecture.builder, **config.architecture.kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path / CONFIG_FILE}: cannot build architecture: {exc}") from exc
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{weights} is not a readable safetensors file: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{weights} does not fit architecture {config.architecture.builder}: {exc}") from exc
+    return Artifact(config, model.eval(), path)
+
+
+def save_artifact(
+    model: nn.Module,
+    model_dir: Path,
+    *,
+    name: str,
+    architecture: dict[str, Any],
+    labels: list[str],
+    input_spec: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    serving: dict[str, Any] | None = None,
+    untrained: bool = False,
+    version: int | None = None,
+) -> Path:
+    """Write the next free version (or ``version``) of ``model`` under ``model_dir``.
+
+    The folder is written under a temporary name and renamed, so a reader never sees half an
+    artifact.
+    """
+    model_dir = Path(model_dir)
+    version = version or (max(versions(model_dir), default=0) + 1)
+    target = model_dir / str(version)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists")
+    tmp = model_dir / f".{version}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp / WEIGHTS_FILE)
+    spec = InputSpec.model_validate(input_spec)
+    config = ArtifactConfig(
+        name=name,
+        version=version,
+        architecture=Architecture.model_validate(architecture),
+        labels=labels,
+        input=spec,
+        weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
+        params=count_params(model),
+        macs=count_macs(model, spec.shape()),
+        metrics=metrics,
+        training=training,
+        serving=serving or {},
+        untrained=untrained,
+    )
+    (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
+    tmp.rename(target)
+    return target
+

@@ -1,0 +1,67 @@
+"""Evaluate a model store artifact on a dataset split; prints top-1 and writes nothing.
+
+    python -m igcv2.evaluate model_store/igcv2-fashion/1 --dataset fashion-mnist --split test [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from igcv2.artifact import ArtifactError, load_artifact
+from igcv2.data import DATASETS, ArrayDataset, DatasetError, load_dataset
+from igcv2.networks import Normalized
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 500, device: str = "cpu") -> torch.Tensor:
+    """Logits of a :class:`Normalized` model for uint8 NHWC ``images``, in float32 on the CPU."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+        out.append(model(batch).float().cpu())
+    return torch.cat(out)
+
+
+def top1(model: nn.Module, data: ArrayDataset, device: str = "cpu") -> float:
+    predictions = predict_logits(model, data.images, device=device).argmax(1).numpy()
+    return float((predictions == data.labels).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m igcv2.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path, help="version folder, e.g. model_store/igcv2-fashion/1")
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
+    parser.add_argument("--data-dir", type=Path, default=None, help="overrides the dataset's default directory")
+    parser.add_argument("--split", choices=("train", "test"), default="test")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--json", action="store_true", help='print {"top1": ..., "n": ...}')
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        artifact = load_artifact(args.artifact)
+        spec = artifact.config.input
+        data = load_dataset(args.dataset, args.split, args.data_dir, spec.shape())
+    except (ArtifactError, DatasetError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.limit:
+        data = data.subset(args.limit)
+    accuracy = top1(Normalized(artifact.model, spec.mean, spec.std), data)
+    if args.json:
+        print(json.dumps({"top1": accuracy, "n": len(data)}))
+    else:
+        print(f"{artifact.config.name} v{artifact.config.version} on {args.dataset} {args.split}: "
+              f"top-1 {accuracy:.4f} ({len(data)} images)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Every setting of the service, read once, from ``IGCV2_*`` environment variables (or a .env).
+
+Precedence for batching settings, lowest to highest: the defaults below, a model's
+``serving`` section in its config.json, an ``IGCV2_*`` variable the operator set explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "IGCV2_"
+# Settings a model's config.json "serving" section may override (unless the operator set them).
+BATCHING_FIELDS = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "request_timeout_s", "instances")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore")
+
+    # Models
+    model_store: Path = Field(
+        Path("model_store"), description="Model store root: <name>/<version>/{config.json,model.safetensors}.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Models to load, comma-separated 'name' or 'name:version' (empty: every model, latest version).",
+    )
+    default_model: str = Field("igcv2-fashion", description="Model used when a request names none.")
+
+    # Runtime
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
+    compile: bool = Field(True, description="Compile models with torch.compile (false: eager).")
+    compile_mode: str = Field(
+        "auto", description="torch.compile mode; auto: 'max-autotune' on CUDA, 'default' on CPU.")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU).")
+    cpu_threads: int = Field(0, ge=0, description="Intra-op threads for CPU inference (0: one per core).")
+    instances: int = Field(1, ge=1, le=16, description="Model instances (inference threads) per model version.")
+
+    # Batching
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Largest batch; buckets are 1, 2, 4, ... up to it.")
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=10_000,
+        description="Longest a queued image waits for companions, from the oldest one's arrival "
+                    "(0: dispatch at once when the worker is idle; batches still form while it is busy).")
+    max_queue_size: int = Field(256, ge=1, description="Images queued per model version before new requests get 503.")
+    request_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Deadline per request (X-Request-Timeout overrides); expired images are never computed.")
+
+    # Limits on input
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image, width*height (413 above).")
+    max_images_per_request: int = Field(64, ge=1, description="Most images in one request (413 above).")
+    decode_threads: int = Field(0, ge=0, description="Threads decoding images (0: one per core, at least 2).")
+
+    # Security
+    api_key: SecretStr | None = Field(
+        None, description="When set, every route but health and metrics needs 'Authorization: Bearer <key>'.")
+    admin_key: SecretStr | None = Field(
+        None, description="When set, model load/unload needs 'Authorization: Bearer <admin key>'.")
+
+    # Server
+    host: str = Field("127.0.0.1", description="Address to listen on (the container uses 0.0.0.0).")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long to finish queued work before exiting.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def batching_for(self, serving: dict[str, Any]) -> dict[str, Any]:
+        """Batching settings for one model: defaults < the model's ``serving`` section < explicit env."""
+        merged = {name: getattr(self, name) for name in BATCHING_FIELDS}
+        for name in BATCHING_FIELDS:
+            if name in serving and name not in self.model_fields_set:
+                merged[name] = type(merged[name])(serving[name])
+        return merged
+
+    def wanted_models(self) -> dict[str, int | None]:
+        """{name: version or None (latest)} from ``models``; empty means everything in the store."""
+        wanted: dict[str, int | None] = {}
+        for entry in self.models:
+            name, _, version = entry.partition(":")
+            wanted[name] = int(version) if version else None
+        return wanted
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field`` (deployment files and tests use this)."""
+    return f"{ENV_PREFIX}{field.upper()}"
