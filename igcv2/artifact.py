@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,24 +169,28 @@ def save_artifact(
         raise FileExistsError(f"{target} already exists")
     tmp = model_dir / f".{version}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp / WEIGHTS_FILE)
-    spec = InputSpec.model_validate(input_spec)
-    config = ArtifactConfig(
-        name=name,
-        version=version,
-        architecture=Architecture.model_validate(architecture),
-        labels=labels,
-        input=spec,
-        weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
-        params=count_params(model),
-        macs=count_macs(model, spec.shape()),
-        metrics=metrics,
-        training=training,
-        serving=serving or {},
-        untrained=untrained,
-    )
-    (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
-    tmp.rename(target)
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILE)
+        spec = InputSpec.model_validate(input_spec)
+        config = ArtifactConfig(
+            name=name,
+            version=version,
+            architecture=Architecture.model_validate(architecture),
+            labels=labels,
+            input=spec,
+            weights_sha256=sha256_file(tmp / WEIGHTS_FILE),
+            params=count_params(model),
+            macs=count_macs(model, spec.shape()),
+            metrics=metrics,
+            training=training,
+            serving=serving or {},
+            untrained=untrained,
+        )
+        (tmp / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # an invalid name or spec leaves no half-written folder behind
+        raise
     return target
 

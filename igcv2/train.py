@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = args.out / CHECKPOINT
     start_epoch, elapsed_before = 0, 0.0
+    history: list[dict[str, Any]] = []
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         if state["builder"] != builder or state["epochs"] != args.epochs:
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, elapsed_before = int(state["epoch"]), float(state["elapsed"])
+        history = list(state.get("history", []))  # older checkpoints have none
         print(f"resuming from {checkpoint_path} after epoch {start_epoch}")
 
     pad, flip = AUGMENT.get(args.dataset, (max(1, h // 8), True))
@@ -152,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.from_numpy(train.labels)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
-    history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, args.epochs):
         generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same order on resume
         order = torch.randperm(len(train), generator=generator)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}, "
               f"test top-1 {test_top1:.4f}, {elapsed / 60:.1f} min", flush=True)
         state = {"builder": builder, "epochs": args.epochs, "epoch": epoch + 1, "elapsed": elapsed,
-                 "model": network.state_dict(), "optimizer": optimizer.state_dict()}
+                 "model": network.state_dict(), "optimizer": optimizer.state_dict(), "history": history}
         torch.save(state, checkpoint_path.with_suffix(".tmp"))
         os.replace(checkpoint_path.with_suffix(".tmp"), checkpoint_path)
 

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     # Runtime
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto: bfloat16 on CUDA, float32 on CPU.")
+        "auto", description="auto: float16 on CUDA, float32 on CPU.")
     compile: bool = Field(True, description="Compile models with torch.compile (false: eager).")
     compile_mode: str = Field(
         "auto", description="torch.compile mode; auto: 'max-autotune' on CUDA, 'default' on CPU.")

@@ -1,0 +1,62 @@
+"""python -m service: serve the model store with uvicorn (uvloop + httptools).
+
+Settings come from IGCV2_* environment variables (or .env); --help lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.config import Settings, env_name
+from service.runtime import configure_cpu_threads
+
+
+class Server(uvicorn.Server):
+    """uvicorn, plus: on SIGTERM/SIGINT flag the app as draining so new requests get 503."""
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        app = self.config.loaded_app
+        while app is not None and not hasattr(app, "state"):
+            app = getattr(app, "app", None)
+        if app is not None:
+            app.state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def settings_help() -> str:
+    lines = ["settings (environment variables):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        lines.append(f"  {env_name(name):<28} {field.description or ''} [default: {default}]")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description=__doc__.splitlines()[0], epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_cpu_threads(settings.cpu_threads)
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_timeout_s), access_log=False,
+    )
+    Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

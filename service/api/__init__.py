@@ -1,0 +1,1 @@
+"""HTTP routes: each handler parses, calls the engine, and shapes the answer."""

@@ -1,0 +1,29 @@
+"""Liveness (the process answers) and readiness (every configured model loaded and warmed up)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.api.schemas import Health
+from service.registry import ModelRegistry
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live", response_model=Health)
+async def live() -> dict:
+    return {"status": "live"}
+
+
+@router.get("/health/ready", response_model=Health, responses={503: {"description": "Not ready yet"}})
+async def ready(request: Request) -> JSONResponse:
+    registry: ModelRegistry = request.app.state.registry
+    models = [{"name": m.name, "version": m.version, "state": str(m.state), "reason": m.reason} for m in registry.all()]
+    if registry.is_ready() and not request.app.state.draining:
+        return JSONResponse({"status": "ready", "models": models})
+    waiting = [f"{m['name']} v{m['version']} {m['state']}" for m in models if m["state"] != "ready"]
+    status = "draining" if request.app.state.draining else "not ready"
+    return JSONResponse(
+        {"error": f"{status}: {', '.join(waiting) or 'models not loaded yet'}", "models": models}, status_code=503
+    )

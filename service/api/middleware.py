@@ -1,0 +1,158 @@
+"""Pure ASGI middleware: request metrics, API-key check, body limit, draining.
+
+Pure ASGI (not BaseHTTPMiddleware) so a body is streamed, never buffered, before its limit is
+checked, and so the metrics see every response, errors included.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.routing import Match
+
+from service import metrics
+from service.errors import TooLarge
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+OPEN_PATHS = ("/health/", "/metrics", "/v2/health/")
+
+
+async def send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"error": message}).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestMetrics:
+    """Counts and times every HTTP response by route template, model and status code.
+
+    Labels stay bounded: the endpoint is the matched route's template (routes are matched here
+    too, so a request refused before routing, e.g. a 413 on its body, still gets its route), and
+    the model is a loaded model's name, ``unknown`` for any other name, empty for routes without one.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Callable[[], list[Any]], model_label: Callable[[str], str],
+                 default_model: str) -> None:
+        self.app = app
+        self.routes = routes
+        self.model_label = model_label
+        self.default_model = default_model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            endpoint, model = self.labels(scope)
+            labels = {"endpoint": endpoint, "model": model, "code": str(status)}
+            metrics.REQUESTS.labels(**labels).inc()
+            metrics.REQUEST_DURATION.labels(**labels).observe(time.perf_counter() - started)
+
+    def labels(self, scope: Scope) -> tuple[str, str]:
+        route, path_params = scope.get("route"), scope.get("path_params") or {}
+        if route is None:
+            for candidate in self.routes():
+                match, child = candidate.matches(scope)
+                if match is Match.FULL:
+                    route, path_params = candidate, child.get("path_params", {})
+                    break
+        endpoint = getattr(route, "path", None) or "unmatched"
+        if "name" in path_params:
+            return endpoint, self.model_label(path_params["name"])
+        if endpoint == "/classify":
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            return endpoint, self.model_label(query.get("model", [self.default_model])[0])
+        return endpoint, ""
+
+
+class ApiKey:
+    """When a key is set, every route but health and metrics needs ``Authorization: Bearer <key>``."""
+
+    def __init__(self, app: ASGIApp, key: str | None) -> None:
+        self.app = app
+        self.key = key.encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.key is None or scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
+            await self.app(scope, receive, send)
+            return
+        if not bearer_matches(scope, self.key):
+            await send_error(send, 401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                             {"WWW-Authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)
+
+
+def bearer_matches(scope: Scope, key: bytes) -> bool:
+    """Constant-time comparison of the request's bearer token with ``key``."""
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+    return False
+
+
+class BodyLimit:
+    """413 before reading a body whose Content-Length is over the limit, and while streaming one
+    that grows past it (chunked uploads), so an oversized body is never buffered whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await send_error(send, 413, f"body of {int(value)} bytes exceeds the limit of {self.max_bytes}")
+                return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise TooLarge(f"body exceeds the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class Draining:
+    """Once shutdown begins, new requests get 503 + Retry-After while queued ones finish."""
+
+    def __init__(self, app: ASGIApp, is_draining: Callable[[], bool]) -> None:
+        self.app = app
+        self.is_draining = is_draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.is_draining() and not scope["path"].startswith(OPEN_PATHS):
+            await send_error(send, 503, "server is shutting down; retry on another replica", {"Retry-After": "1"})
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,95 @@
+"""create_app(settings): wires registry, engine, routes, errors, middleware and lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from service import metrics
+from service.api import classify, health, models
+from service.api.middleware import ApiKey, BodyLimit, Draining, RequestMetrics
+from service.config import Settings
+from service.engine import Engine
+from service.errors import ServiceError
+from service.registry import ModelRegistry
+
+log = logging.getLogger("igcv2.app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    registry = ModelRegistry(settings)
+    engine = Engine(settings, registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(
+            target=registry.load_configured, args=(asyncio.get_running_loop(),), name="model-loader", daemon=True
+        )
+        loader.start()
+        yield
+        app.state.draining = True
+        log.info("shutting down: finishing queued work")
+        await registry.close()
+        engine.close()
+        log.info("shutdown complete")
+
+    app = FastAPI(
+        title="IGCV2 inference service",
+        summary="Dynamically batched, compiled IGCV2 image classifiers with Prometheus metrics.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.registry, app.state.engine, app.state.draining = settings, registry, engine, False
+    for router in (classify.router, models.router, health.router):
+        app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                metrics.DEVICE_MEMORY.labels(device=f"cuda:{i}").set(torch.cuda.memory_allocated(i))
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKey, key=settings.api_key.get_secret_value() if settings.api_key else None)
+    app.add_middleware(Draining, is_draining=lambda: app.state.draining)
+    app.add_middleware(RequestMetrics, routes=lambda: app.router.routes, model_label=registry.known_model_label,
+                       default_model=settings.default_model)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as ``{"error": "<precise message>"}`` with its status code."""
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{' '.join(map(str, e['loc']))}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e else "")
+            for e in exc.errors()
+        )
+        return JSONResponse({"error": f"invalid parameter: {problems}"}, 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, 500)

@@ -1,0 +1,154 @@
+"""DynamicBatcher: one bounded queue per model version, drained by one worker per model instance.
+
+Policy (after Triton / TF Serving, avoiding TorchServe's and LitServe's worker-started timer):
+* a worker that is idle takes what is queued at once, so a lone request waits for nothing;
+* while workers are busy, arriving images gather into the next batch (up to ``max_batch_size``);
+* with ``max_queue_delay_s`` > 0 a worker waits for a fuller batch, but never longer than that
+  delay *measured from the oldest queued image's arrival*;
+* the queue is bounded in images: a request that does not fit is refused at once (503 with
+  Retry-After), nothing blocks; an image whose request deadline has passed is never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service import metrics
+from service.errors import DeadlineExceeded, Unavailable
+
+log = logging.getLogger("igcv2.batching")
+InferFn = Callable[[list[np.ndarray]], Awaitable[np.ndarray]]
+
+
+@dataclass(eq=False)
+class _Item:
+    image: np.ndarray
+    deadline: float
+    arrival: float = field(default_factory=time.monotonic)
+    future: asyncio.Future[np.ndarray] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        instances: Sequence[InferFn],
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        model: str,
+        version: int,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._instances = list(instances)
+        self._queue: deque[_Item] = deque()
+        self._changed = asyncio.Condition()
+        self._closed = False
+        self._workers: list[asyncio.Task[None]] = []
+        self._labels = {"model": model, "version": str(version)}
+        metrics.QUEUE_CAPACITY.labels(**self._labels).set(max_queue_size)
+        metrics.QUEUE_DEPTH.labels(**self._labels).set(0)
+
+    def start(self) -> None:
+        self._workers = [asyncio.create_task(self._work(infer)) for infer in self._instances]
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+        """Queue ``images`` and wait for their outputs (one array per image), or raise 503/504."""
+        if self._closed:
+            raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
+        if len(self._queue) + len(images) > self.max_queue_size:
+            metrics.REJECTED.labels(**self._labels, reason="queue_full").inc(len(images))
+            raise Unavailable(
+                f"queue full ({len(self._queue)} of {self.max_queue_size} images waiting); retry later", 1
+            )
+        items = [_Item(image, deadline) for image in images]
+        async with self._changed:
+            self._queue.extend(items)
+            metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
+            self._changed.notify()
+        futures = [item.future for item in items]
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic()))
+        except (TimeoutError, DeadlineExceeded) as exc:
+            for f in futures:
+                f.cancel()
+            uncomputed = sum(1 for f in futures if f.cancelled())
+            metrics.REJECTED.labels(**self._labels, reason="deadline").inc(uncomputed)
+            raise DeadlineExceeded(f"deadline passed before {uncomputed} of {len(items)} images were computed") from exc
+
+    async def _next_batch(self) -> list[_Item] | None:
+        async with self._changed:
+            while not self._queue:
+                if self._closed:
+                    return None
+                await self._changed.wait()
+            if self.max_queue_delay_s > 0:
+                while len(self._queue) < self.max_batch_size and not self._closed:
+                    remaining = self._queue[0].arrival + self.max_queue_delay_s - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+                    except TimeoutError:
+                        break
+            batch: list[_Item] = []
+            now = time.monotonic()
+            while self._queue and len(batch) < self.max_batch_size:
+                item = self._queue.popleft()
+                if item.future.done():  # its request already gave up (deadline)
+                    continue
+                if item.deadline <= now:
+                    item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                    continue
+                metrics.QUEUE_DURATION.labels(**self._labels).observe(now - item.arrival)
+                batch.append(item)
+            metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
+            return batch
+
+    async def _work(self, infer: InferFn) -> None:
+        while (batch := await self._next_batch()) is not None:
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                outputs = await infer([item.image for item in batch])
+            except Exception as exc:
+                log.exception("inference failed for a batch of %d on %s", len(batch), self._labels)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            metrics.INFERENCE_DURATION.labels(**self._labels).observe(time.perf_counter() - started)
+            metrics.BATCH_SIZE.labels(**self._labels).observe(len(batch))
+            metrics.IMAGES.labels(**self._labels).inc(len(batch))
+            for item, output in zip(batch, outputs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(output)
+
+    async def close(self, timeout: float) -> None:
+        """Stop taking requests, finish what is queued (up to ``timeout``), stop the workers."""
+        async with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        if self._workers:
+            _, pending = await asyncio.wait(self._workers, timeout=timeout)
+            for task in pending:
+                task.cancel()
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(Unavailable("shut down before this image was computed", 1))
+        self._queue.clear()
+        metrics.QUEUE_DEPTH.labels(**self._labels).set(0)

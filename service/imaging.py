@@ -1,0 +1,55 @@
+"""Encoded image bytes -> validated, decoded, fitted uint8 (H, W, C) array.
+
+Runs in a thread pool: Pillow releases the GIL while decoding. Limits are checked from the
+header before any pixel is decoded (decompression bombs), and large JPEGs are decoded at a
+reduced scale with ``draft()`` (DCT scaling), which is far cheaper than decoding then resizing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from igcv2.artifact import InputSpec
+from igcv2.data import fit_image
+from service.errors import BadInput, TooLarge, UnsupportedMediaType
+
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+# Declared types we try to decode; anything else that is not image/* is refused with 415.
+GENERIC_TYPES = ("application/octet-stream", "")
+
+
+def check_media_type(content_type: str | None) -> None:
+    """415 unless the declared type is an image (or says nothing specific)."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if not media.startswith("image/") and media not in GENERIC_TYPES:
+        raise UnsupportedMediaType(f"unsupported media type {media!r}: send image/* (PNG, JPEG, GIF, WebP, BMP, TIFF)")
+
+
+def decode_image(data: bytes, spec: InputSpec, max_pixels: int, name: str = "image") -> np.ndarray:
+    """Decode ``data`` and fit it to the model input ``spec``; raise 400/413/415 errors."""
+    if not data:
+        raise BadInput(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise TooLarge(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+            if image.format == "JPEG":
+                image.draft("L" if spec.channels == 1 else "RGB", (spec.width, spec.height))
+            image.seek(0)  # animated images: the first frame
+            image.load()
+            return fit_image(image, spec.height, spec.width, spec.channels)
+    except TooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TooLarge(f"{name}: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise BadInput(f"{name}: not a decodable image (supported: {', '.join(FORMATS)})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError, TypeError) as exc:
+        raise BadInput(f"{name}: corrupt or truncated image ({exc})") from exc

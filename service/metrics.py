@@ -1,0 +1,60 @@
+"""Every Prometheus metric of the service, defined once (names, types and labels are a contract).
+
+Labels are bounded: model names and versions from the store, route templates, status codes.
+Latency buckets resolve 0.5 ms to 10 s; the base unit is seconds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+)  # fmt: skip
+
+
+def batch_buckets(max_batch_size: int = 1024) -> tuple[float, ...]:
+    """1, 2, 4, ... up to the largest batch size the service allows."""
+    buckets, size = [], 1
+    while size <= max_batch_size:
+        buckets.append(float(size))
+        size *= 2
+    return tuple(buckets)
+
+
+REQUESTS = Counter(
+    "igcv2_requests", "HTTP requests answered, by route template, model and status code.",
+    ["endpoint", "model", "code"],
+)
+REQUEST_DURATION = Histogram(
+    "igcv2_request_duration_seconds", "End-to-end request latency inside the server.",
+    ["endpoint", "model", "code"], buckets=LATENCY_BUCKETS,
+)
+IMAGES = Counter("igcv2_images", "Images classified (computed and answered).", ["model", "version"])
+PREPROCESS_DURATION = Histogram(
+    "igcv2_preprocess_duration_seconds", "Decode + resize time per image.", ["model"], buckets=LATENCY_BUCKETS,
+)
+QUEUE_DURATION = Histogram(
+    "igcv2_queue_duration_seconds", "Time an image waited in the batch queue.", ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_DURATION = Histogram(
+    "igcv2_inference_duration_seconds", "Model forward time per batch (copy in, compute, copy out).",
+    ["model", "version"], buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "igcv2_batch_size", "Images per batch run by the model (before padding to a bucket).",
+    ["model", "version"], buckets=batch_buckets(),
+)
+QUEUE_DEPTH = Gauge("igcv2_queue_depth", "Images waiting in the batch queue.", ["model", "version"])
+QUEUE_CAPACITY = Gauge("igcv2_queue_capacity", "Bound of the batch queue (max_queue_size).", ["model", "version"])
+MODEL_READY = Gauge("igcv2_model_ready", "1 when the model version is loaded and warmed up.", ["model", "version"])
+WARMUP_DURATION = Gauge(
+    "igcv2_warmup_duration_seconds", "Time spent compiling and warming up every batch bucket.", ["model", "version"],
+)
+DEVICE_MEMORY = Gauge("igcv2_device_memory_bytes", "CUDA memory allocated by the service.", ["device"])
+REJECTED = Counter(
+    "igcv2_rejected_images", "Images refused or dropped before compute, by reason (queue_full, deadline).",
+    ["model", "version", "reason"],
+)

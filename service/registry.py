@@ -1,0 +1,278 @@
+"""ModelRegistry: what the model store holds, what is loaded, and which version answers a request.
+
+Versions load in a background thread (compilation takes a while) so the process is live at
+once and ready when every configured model has warmed up. A broken artifact does not stop the
+service: it is reported as failed, with the reason, in /models and the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from igcv2.artifact import MODEL_NAME, ArtifactConfig, ArtifactError, load_artifact, versions
+from service import metrics
+from service.batching import DynamicBatcher
+from service.config import Settings
+from service.errors import InvalidParameter, NotFound, Unavailable
+from service.runtime import ModelRunner, RuntimeOptions, resolve_device
+
+log = logging.getLogger("igcv2.registry")
+
+
+class State(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One model version: its artifact config, runners (instances) and batcher."""
+
+    name: str
+    version: int
+    path: Path
+    state: State = State.LOADING
+    reason: str | None = None
+    config: ArtifactConfig | None = None
+    batching: dict[str, Any] = field(default_factory=dict)
+    runners: list[ModelRunner] = field(default_factory=list)
+    batcher: DynamicBatcher | None = None
+    warmup_s: float | None = None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"model": self.name, "version": str(self.version)}
+
+    @property
+    def ready_config(self) -> ArtifactConfig:
+        """The artifact config of a ready version (503 otherwise)."""
+        if self.state is not State.READY or self.config is None:
+            raise Unavailable(self.not_ready_message(), 5)
+        return self.config
+
+    def not_ready_message(self) -> str:
+        reason = f": {self.reason}" if self.reason else ""
+        return f"model {self.name} version {self.version} is not ready ({self.state}{reason})"
+
+    async def infer(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+        """Logits for each image, through the shared dynamic batcher."""
+        if self.state is not State.READY or self.batcher is None:
+            raise Unavailable(self.not_ready_message(), 5)
+        return await self.batcher.submit(images, deadline)
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"name": self.name, "version": self.version, "state": str(self.state),
+                                "ready": self.state is State.READY, "reason": self.reason}
+        if self.config is not None:
+            c = self.config
+            info.update(input=c.input.model_dump(), labels=c.labels, metrics=c.metrics, params=c.params,
+                        macs=c.macs, architecture=c.architecture.model_dump(), untrained=c.untrained)
+        if self.runners:
+            r = self.runners[0]
+            info.update(device=str(r.device), precision=str(r.options.dtype).removeprefix("torch."),
+                        compiled=r.compiled, compile_mode=r.options.mode if r.compiled else None,
+                        buckets=r.buckets, instances=len(self.runners), warmup_s=self.warmup_s)
+        info["batching"] = self.batching
+        return info
+
+
+def validate_name(name: str) -> str:
+    """Model names index the file system: refuse anything that is not a plain name (no ../)."""
+    if not MODEL_NAME.match(name):
+        raise NotFound(f"unknown model {name!r}")
+    return name
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Path(settings.model_store)
+        self.device = resolve_device(settings.device)
+        self._models: dict[tuple[str, int], ServedModel] = {}
+        self._configured: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.started = False
+
+    # ----- discovery and loading (blocking: run in a thread) -----
+
+    def configured_versions(self) -> list[tuple[str, int]]:
+        wanted = self.settings.wanted_models()
+        names = list(wanted)
+        if not names and self.store.is_dir():
+            names = sorted(p.name for p in self.store.iterdir() if p.is_dir() and not p.name.startswith("."))
+        out = []
+        for name in names:
+            if not MODEL_NAME.match(name):
+                log.warning("skipping %s: not a valid model name", self.store / name)
+                continue
+            available = versions(self.store / name)
+            version = wanted.get(name) or (available[-1] if available else None)
+            if version is None:
+                log.error("model %s: no version folders in %s", name, self.store / name)
+                continue
+            out.append((name, version))
+        return out
+
+    def load_configured(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Load every configured model version (called once, in a background thread)."""
+        self._loop = loop
+        targets = self.configured_versions()
+        with self._lock:
+            self._configured = set(targets)
+            for name, version in targets:
+                self._models[(name, version)] = ServedModel(name, version, self.store / name / str(version))
+        for name, version in targets:
+            try:
+                self._load(self._models[(name, version)])
+            except Exception as exc:  # a broken artifact must not take the service down
+                self._fail(self._models[(name, version)], exc)
+        self.started = True
+
+    def load(self, name: str, version: int | None = None) -> ServedModel:
+        """Load (or reload) a version at run time; a failure leaves what is served untouched."""
+        validate_name(name)
+        available = versions(self.store / name)
+        if not available:
+            raise NotFound(f"model {name!r} not found in the model store")
+        version = version or available[-1]
+        if version not in available:
+            raise NotFound(f"model {name!r} has no version {version} in the model store")
+        existing = self._models.get((name, version))
+        if existing is not None and existing.state is State.READY:
+            return existing
+        served = ServedModel(name, version, self.store / name / str(version))
+        self._load(served)  # raises on failure; nothing registered yet
+        with self._lock:
+            self._models[(name, version)] = served
+        return served
+
+    def _load(self, served: ServedModel) -> None:
+        started = time.perf_counter()
+        metrics.MODEL_READY.labels(**served.labels).set(0)
+        artifact = load_artifact(served.path)
+        config = artifact.config
+        if config.name != served.name or config.version != served.version:
+            raise ArtifactError(f"{served.path}: config.json says {config.name} v{config.version}")
+        served.config = config
+        served.batching = self.settings.batching_for(config.serving)
+        options = RuntimeOptions(
+            device=self.device, precision=self.settings.precision, compile=self.settings.compile,
+            compile_mode=self.settings.compile_mode, channels_last=self.settings.channels_last,
+            max_batch_size=served.batching["max_batch_size"],
+        )
+        runners = []
+        for i in range(served.batching["instances"]):
+            model_copy = artifact if i == 0 else copy.deepcopy(artifact)
+            runners.append(ModelRunner(model_copy, options, f"{served.name}-v{served.version}-{i}"))
+        # Warm every instance up on its own inference thread (compiled graphs belong to it).
+        warmups = [r.executor.submit(r.warmup) for r in runners]
+        served.warmup_s = max(f.result() for f in warmups)
+        served.runners = runners
+        served.batcher = DynamicBatcher(
+            [r.infer for r in runners],
+            max_batch_size=served.batching["max_batch_size"],
+            max_queue_delay_s=served.batching["max_queue_delay_ms"] / 1000,
+            max_queue_size=served.batching["max_queue_size"],
+            model=served.name, version=served.version,
+        )
+        if self._loop is None:
+            raise RuntimeError("registry used before load_configured() gave it the event loop")
+        self._loop.call_soon_threadsafe(served.batcher.start)
+        served.state, served.reason = State.READY, None
+        metrics.MODEL_READY.labels(**served.labels).set(1)
+        metrics.WARMUP_DURATION.labels(**served.labels).set(served.warmup_s)
+        r = runners[0]
+        log.info("%s v%s ready on %s (%s, %s, buckets %s, %d instance(s)): warm-up %.1fs, load %.1fs",
+                 served.name, served.version, r.device, str(r.options.dtype).removeprefix("torch."),
+                 f"compiled mode={r.options.mode}" if r.compiled else "eager", r.buckets, len(runners),
+                 served.warmup_s, time.perf_counter() - started)
+
+    def _fail(self, served: ServedModel, exc: Exception) -> None:
+        served.state, served.reason = State.FAILED, str(exc)
+        metrics.MODEL_READY.labels(**served.labels).set(0)
+        log.error("%s v%s NOT loaded: %s", served.name, served.version, exc,
+                  exc_info=not isinstance(exc, ArtifactError))
+
+    # ----- serving -----
+
+    def resolve(self, name: str, version: int | None = None) -> ServedModel:
+        """The version a request addresses: the named one, or the highest ready one."""
+        validate_name(name)
+        candidates = sorted((m for (n, _), m in self._models.items() if n == name), key=lambda m: m.version)
+        if not candidates:
+            raise NotFound(f"unknown model {name!r}; loaded: {', '.join(self.names()) or 'none'}")
+        if version is not None:
+            for m in candidates:
+                if m.version == version:
+                    return m
+            raise NotFound(f"model {name!r} has no loaded version {version}; loaded: "
+                           f"{', '.join(str(m.version) for m in candidates)}")
+        ready = [m for m in candidates if m.state is State.READY]
+        if ready:
+            return ready[-1]
+        raise Unavailable(candidates[-1].not_ready_message(), 5)
+
+    def names(self) -> list[str]:
+        return sorted({n for n, _ in self._models})
+
+    def all(self) -> list[ServedModel]:
+        return [self._models[k] for k in sorted(self._models)]
+
+    def is_ready(self) -> bool:
+        return self.started and all(
+            (k in self._models and self._models[k].state is State.READY) for k in self._configured
+        )
+
+    def known_model_label(self, name: str) -> str:
+        """A bounded metrics label: the model name if it is loaded, else 'unknown'."""
+        return name if any(n == name for n, _ in self._models) else "unknown"
+
+    async def unload(self, name: str, version: int | None = None) -> list[ServedModel]:
+        """Stop serving a model (all versions, or one); queued work finishes first."""
+        validate_name(name)
+        targets = [m for (n, v), m in list(self._models.items()) if n == name and version in (None, v)]
+        if not targets:
+            raise NotFound(f"model {name!r}" + (f" version {version}" if version else "") + " is not loaded")
+        for m in targets:
+            with self._lock:
+                self._models.pop((m.name, m.version), None)
+                self._configured.discard((m.name, m.version))
+            await self.release(m)
+        return targets
+
+    async def release(self, served: ServedModel) -> None:
+        if served.batcher is not None:
+            await served.batcher.close(self.settings.shutdown_timeout_s)
+        for runner in served.runners:
+            await asyncio.to_thread(runner.close)
+        metrics.MODEL_READY.labels(**served.labels).set(0)
+        metrics.QUEUE_DEPTH.labels(**served.labels).set(0)
+
+    async def close(self) -> None:
+        """Graceful shutdown: every batcher finishes its queue, then inference threads stop."""
+        await asyncio.gather(*(self.release(m) for m in self.all()))
+
+
+def parse_version(value: str | int | None) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        version = int(value)
+    except (TypeError, ValueError):
+        raise InvalidParameter(f"version must be a positive integer, got {value!r}") from None
+    if version < 1:
+        raise InvalidParameter(f"version must be a positive integer, got {value!r}")
+    return version
+

@@ -1,0 +1,153 @@
+"""ModelRunner: one model instance on one device, fed uint8 NHWC batches from one dedicated thread.
+
+Why it is shaped like this:
+* ``torch.compile(dynamic=False)`` compiles one graph per input shape, so batches are padded to a
+  few fixed buckets (1, 2, 4, ..., max) and each bucket is compiled and warmed up before the
+  model reports ready: no request ever pays for a compilation.
+* CUDA graphs ("reduce-overhead") belong to the thread that recorded them, and inductor's
+  caches are not meant for concurrent callers, so every call, warm-up included, runs on the
+  instance's single-thread executor; outputs are copied to host memory before the next call.
+* The host sends uint8 (4x fewer bytes than float32) through a pinned buffer with a
+  non-blocking copy; normalisation runs on the device inside the compiled graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from igcv2.artifact import Artifact
+from igcv2.networks import Normalized
+
+log = logging.getLogger("igcv2.runtime")
+WARMUP_CALLS = 3
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def buckets_for(max_batch_size: int) -> list[int]:
+    """Powers of two up to ``max_batch_size``, and ``max_batch_size`` itself."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_batch_size]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: torch.device
+    precision: str = "auto"  # auto | float32 | float16 | bfloat16
+    compile: bool = True
+    compile_mode: str = "auto"
+    channels_last: bool = True
+    max_batch_size: int = 32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.precision == "auto":
+            return torch.float16 if self.device.type == "cuda" else torch.float32
+        return DTYPES[self.precision]
+
+    @property
+    def mode(self) -> str:
+        if self.compile_mode == "auto":
+            return "max-autotune" if self.device.type == "cuda" else "default"
+        return self.compile_mode
+
+
+class ModelRunner:
+    """A model resident on its device, compiled per bucket, called from its own thread."""
+
+    def __init__(self, artifact: Artifact, options: RuntimeOptions, name: str = "model") -> None:
+        spec = artifact.config.input
+        self.options = options
+        self.device = options.device
+        self.buckets = buckets_for(options.max_batch_size)
+        self.input_shape = (spec.height, spec.width, spec.channels)
+        self.num_classes = len(artifact.config.labels)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self.compiled = False
+        module: nn.Module = Normalized(artifact.model, spec.mean, spec.std).eval()
+        module = module.to(self.device, options.dtype)
+        if self.device.type == "cuda" and options.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        for param in module.parameters():
+            param.requires_grad_(False)
+        self.module = module
+        self.forward: nn.Module = module
+        pin = self.device.type == "cuda"
+        self.host_buffers = {b: torch.zeros((b, *self.input_shape), dtype=torch.uint8, pin_memory=pin)
+                             for b in self.buckets}
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    @torch.inference_mode()
+    def predict(self, images: list[np.ndarray]) -> np.ndarray:
+        """Float32 logits (N, classes) for N uint8 (H, W, C) images; call on ``self.executor``."""
+        n = len(images)
+        if not 0 < n <= self.buckets[-1]:
+            raise ValueError(f"batch of {n} images; allowed 1..{self.buckets[-1]}")
+        host = self.host_buffers[self.bucket(n)]
+        for i, image in enumerate(images):
+            host[i].numpy()[...] = image
+        batch = host.to(self.device, non_blocking=True)
+        logits = self.forward(batch)[:n].float()
+        return logits.cpu().numpy().copy()  # never hand out a view of a buffer the next call reuses
+
+    def warmup(self) -> float:
+        """Compile (when enabled) and run every bucket a few times; returns seconds spent.
+
+        Call on ``self.executor``. A compilation failure falls back to eager, loudly.
+        """
+        started = time.perf_counter()
+        if self.options.compile:
+            try:
+                torch._dynamo.config.recompile_limit = max(8, 2 * len(self.buckets))
+                self.forward = torch.compile(self.module, mode=self.options.mode, dynamic=False)
+                self._run_buckets()
+                self.compiled = True
+            except Exception:
+                log.exception("torch.compile FAILED (mode=%s); FALLING BACK TO EAGER", self.options.mode)
+                self.forward = self.module
+                self._run_buckets()
+        else:
+            self._run_buckets()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    def _run_buckets(self) -> None:
+        blank = np.zeros(self.input_shape, np.uint8)
+        for b in self.buckets:
+            for _ in range(WARMUP_CALLS):
+                self.predict([blank] * b)
+
+    async def infer(self, images: list[np.ndarray]) -> np.ndarray:
+        """Run :meth:`predict` on this instance's thread without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, images)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def configure_cpu_threads(threads: int) -> None:
+    """Intra-op threads for CPU inference: ``threads`` or one per core."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)

@@ -1,0 +1,120 @@
+"""``python -m igcv2.evaluate``: prints top-1 (JSON on request), writes nothing, fails clearly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from igcv2.artifact import WEIGHTS_FILE, load_artifact, save_artifact
+from igcv2.data import FASHION_MNIST_LABELS, load_dataset
+from igcv2.evaluate import main, top1
+from igcv2.networks import Normalized, build
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(
+        [sys.executable, "-m", "igcv2.evaluate", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    } | {str(p.relative_to(folder)) + "/": (0, 0, "") for p in folder.rglob("*") if p.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    net = build("igcv2_fashion")
+    # Make the untrained network's predictions spread over classes, so top-1 is not a constant.
+    torch.nn.init.normal_(net.classifier.weight)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    return save_artifact(
+        net,
+        tmp_path_factory.mktemp("store") / "igcv2-fashion",
+        name="igcv2-fashion",
+        architecture={"builder": "igcv2_fashion", "kwargs": {}},
+        labels=FASHION_MNIST_LABELS,
+        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]},
+        untrained=True,
+    )
+
+
+def test_json_output_and_nothing_written(artifact: Path) -> None:
+    before = snapshot(artifact.parent.parent)
+    result = run_cli(str(artifact), "--json", "--limit", "500")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"top1", "n"}
+    assert report["n"] == 500
+    assert 0.0 <= report["top1"] <= 1.0
+    assert snapshot(artifact.parent.parent) == before, "evaluate must not write into the model store"
+
+    # The figure is the accuracy of this artifact on the first 500 test images, computed independently.
+    loaded = load_artifact(artifact)
+    data = load_dataset("fashion-mnist", "test").subset(500)
+    with torch.no_grad():
+        logits = loaded.model((torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255 - 0.286) / 0.353)
+    expected = float((logits.argmax(1).numpy() == data.labels).mean())
+    assert report["top1"] == pytest.approx(expected)
+    assert report["top1"] == pytest.approx(top1(Normalized(loaded.model, [0.286], [0.353]), data))
+
+
+def test_bad_path_exits_non_zero_with_a_clear_message(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model" / "3"
+    result = run_cli(str(missing), "--json")
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: ")
+    assert str(missing / "config.json") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not missing.exists()
+
+
+def test_human_readable_output(artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(artifact), "--limit", "100", "--split", "train"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("igcv2-fashion v1 on fashion-mnist train: top-1 ")
+    assert out.rstrip().endswith("(100 images)")
+
+
+def test_broken_artifact_and_missing_data_fail_cleanly(
+    artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken" / "1"
+    broken.mkdir(parents=True)
+    for f in artifact.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    assert main([str(broken), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "error: checksum mismatch" in captured.err
+
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    assert main([str(artifact), "--data-dir", str(empty)]) == 2
+    assert "error: IDX file not found" in capsys.readouterr().err

@@ -1,0 +1,134 @@
+"""Training CLI smoke runs, in-process, on a subset of the real Fashion-MNIST train split."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+
+import igcv2.train as train_module
+from igcv2.artifact import load_artifact
+from igcv2.data import FASHION_MNIST_LABELS, load_dataset
+from igcv2.evaluate import top1
+from igcv2.networks import Normalized
+from igcv2.train import CHECKPOINT, main, one_cycle
+
+torch.set_num_threads(1)
+
+# A narrow residual network keeps the repeated runs quick; the first test uses the default builder.
+TINY = ["--builder", "igcv2_cifar", "--builder-kwargs", '{"width": 8}']
+
+
+def args(out: Path, *extra: str, limit: int = 256, epochs: int = 1) -> list[str]:
+    return [
+        "--dataset", "fashion-mnist", "--limit", str(limit), "--eval-limit", "200", "--epochs", str(epochs),
+        "--threads", "1", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def read_config(version_dir: Path) -> dict:
+    return json.loads((version_dir / "config.json").read_text())
+
+
+def test_one_epoch_smoke_run_writes_versions_1_then_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "igcv2-smoke"
+    argv = args(out)
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["1"], "only the version folder; the checkpoint is removed"
+    config = read_config(out / "1")
+    assert config["name"] == "igcv2-smoke" and config["version"] == 1
+    assert config["architecture"] == {"builder": "igcv2_fashion", "kwargs": {"num_classes": 10, "in_channels": 1}}
+    assert config["labels"] == FASHION_MNIST_LABELS
+    assert config["input"]["height"] == config["input"]["width"] == 28 and config["input"]["channels"] == 1
+    assert 0.2 < config["input"]["mean"][0] < 0.4 and 0.2 < config["input"]["std"][0] < 0.5
+    metrics, training = config["metrics"], config["training"]
+    assert metrics["dataset"] == "fashion-mnist" and metrics["split"] == "test" and metrics["n"] == 200
+    assert 0.0 <= metrics["top1"] <= 1.0
+    assert training["command"] == "python -m igcv2.train " + shlex.join(argv)
+    assert training["epochs"] == 1
+    assert training["train_examples"] == 256
+    assert training["wall_time_s"] > 0
+    assert [h["epoch"] for h in training["history"]] == [1]
+    printed = capsys.readouterr().out
+    assert "epoch 1: train loss" in printed and f"wrote {out / '1'}" in printed
+
+    # The stored top-1 is the accuracy of the stored weights on the first 200 test images.
+    artifact = load_artifact(out / "1")
+    test = load_dataset("fashion-mnist", "test").subset(200)
+    spec = artifact.config.input
+    assert top1(Normalized(artifact.model, spec.mean, spec.std), test) == pytest.approx(metrics["top1"])
+
+    assert main(args(out, *TINY, limit=128)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["1", "2"]
+    second = read_config(out / "2")
+    assert second["version"] == 2
+    assert second["architecture"]["builder"] == "igcv2_cifar"
+    assert second["architecture"]["kwargs"] == {"num_classes": 10, "in_channels": 1, "width": 8}
+    assert load_artifact(out / "2").config.params < artifact.config.params
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "m"
+    calls = []
+    real_top1 = train_module.top1
+
+    def stop_in_epoch_2(*a: object, **kw: object) -> float:
+        calls.append(1)
+        if len(calls) == 2:  # the end-of-epoch evaluation of epoch 2: epoch 1's checkpoint is on disk
+            raise Interrupted
+        return real_top1(*a, **kw)
+
+    monkeypatch.setattr(train_module, "top1", stop_in_epoch_2)
+    with pytest.raises(Interrupted):
+        main(args(out, *TINY, limit=128, epochs=2))
+    monkeypatch.undo()
+
+    checkpoint = out / CHECKPOINT
+    assert checkpoint.is_file()
+    assert not (out / "1").exists()
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 1 and state["epochs"] == 2 and state["builder"] == "igcv2_cifar"
+    capsys.readouterr()
+
+    # A run with other settings refuses the checkpoint instead of mixing two runs.
+    assert main(args(out, *TINY, limit=128, epochs=3)) == 2
+    assert "belongs to a different run" in capsys.readouterr().err
+    assert checkpoint.is_file()
+
+    assert main(args(out, *TINY, limit=128, epochs=2)) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming from {checkpoint} after epoch 1" in printed
+    assert "epoch 1: train loss" not in printed, "epoch 1 must not be trained again"
+    assert "epoch 2: train loss" in printed
+    assert not checkpoint.exists()
+    config = read_config(out / "1")
+    assert config["training"]["epochs"] == 2
+    assert [h["epoch"] for h in config["training"]["history"]] == [1, 2]
+    assert config["training"]["wall_time_s"] > 0
+
+    # Resuming continues exactly: same weights as a run that was never interrupted.
+    assert main(args(tmp_path / "ref", *TINY, limit=128, epochs=2)) == 0
+    resumed, straight = load_artifact(out / "1").model, load_artifact(tmp_path / "ref" / "1").model
+    for (name, a), (_, b) in zip(resumed.state_dict().items(), straight.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_one_cycle_schedule_warms_up_then_decays() -> None:
+    total, peak = 100, 0.2
+    lrs = [one_cycle(s, total, peak) for s in range(total)]
+    assert lrs[0] == pytest.approx(peak / 25)
+    top = max(range(total), key=lrs.__getitem__)
+    assert top == 15 and lrs[top] == pytest.approx(peak, rel=1e-3)
+    assert all(a <= b for a, b in pairwise(lrs[: top + 1]))
+    assert all(a >= b for a, b in pairwise(lrs[top:]))
+    assert lrs[-1] < peak / 100

@@ -1,0 +1,52 @@
+"""Real inputs for the tests: Fashion-MNIST test images as PNG, and the model store to serve."""
+
+from __future__ import annotations
+
+import io
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from live_server import MODEL_STORE
+from PIL import Image
+
+from igcv2.artifact import save_artifact, versions
+from igcv2.data import FASHION_MNIST_LABELS, load_dataset
+from igcv2.networks import build
+
+DEFAULT_MODEL = "igcv2-fashion"
+
+
+@cache
+def fashion_test_images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` Fashion-MNIST test images (uint8 NHWC) and labels."""
+    data = load_dataset("fashion-mnist", "test").subset(n)
+    return data.images, data.labels
+
+
+def encode(image: np.ndarray, fmt: str = "PNG", **save_args: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def fashion_pngs(n: int) -> list[bytes]:
+    return [encode(image) for image in fashion_test_images(n)[0]]
+
+
+def multipart(images: list[bytes], content_type: str = "image/png") -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("file", (f"img{i}.png", data, content_type)) for i, data in enumerate(images)]
+
+
+def default_model_store(tmp_path: Path) -> Path:
+    """The bundled store when it holds the default model; else an untrained model of the same
+    shape (for a checkout whose model is still training: serving behaviour does not need accuracy)."""
+    if versions(MODEL_STORE / DEFAULT_MODEL):
+        return MODEL_STORE
+    store = tmp_path / "model_store"
+    save_artifact(
+        build("igcv2_fashion"), store / DEFAULT_MODEL, name=DEFAULT_MODEL,
+        architecture={"builder": "igcv2_fashion", "kwargs": {}}, labels=FASHION_MNIST_LABELS,
+        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]}, untrained=True,
+    )
+    return store
