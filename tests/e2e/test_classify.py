@@ -139,7 +139,8 @@ ERROR_CASES = {
     "text file": ({"files": [("file", ("a.txt", b"hello, world", "text/plain"))]}, {}, 415),
     "text declared as image": ({"files": [("file", ("a.png", b"hello, world", "image/png"))]}, {}, 400),
     "json body": ({"content": b"{}", "headers": {"content-type": "application/json"}}, {}, 415),
-    "no file part": ({"data": {"x": "1"}}, {}, 400),
+    "no file part": ({"files": [("image", ("a.png", fashion_pngs(1)[0], "image/png"))]}, {}, 400),
+    "form without files": ({"data": {"x": "1"}}, {}, 415),
     "unknown model": ({"files": multipart(fashion_pngs(1))}, {"model": "no-such-model"}, 404),
     "path traversal": ({"files": multipart(fashion_pngs(1))}, {"model": "../model_store"}, 404),
     "unknown version": ({"files": multipart(fashion_pngs(1))}, {"version": 999}, 404),
@@ -182,7 +183,7 @@ def test_expired_deadline_is_504_and_never_computed(eager_server: LiveServer) ->
 
 def test_models_and_health_routes(eager_server: LiveServer) -> None:
     with eager_server.client() as client:
-        assert client.get("/health/live").json() == {"status": "live"}
+        assert client.get("/health/live").json()["status"] == "live"
         assert client.get("/health/ready").status_code == 200
         listing = client.get("/models").json()
         assert listing["default_model"] == DEFAULT_MODEL
