@@ -6,8 +6,11 @@ Settings come from IGCV2_* environment variables (or .env); --help lists them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import sys
+from collections.abc import Iterator
 
 import uvicorn
 from pydantic import ValidationError
@@ -28,6 +31,14 @@ class Server(uvicorn.Server):
             app.state.draining = True
         super().handle_exit(sig, frame)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn re-raises the caught SIGTERM after its graceful shutdown, so the process ends
+        "killed by SIGTERM" (exit -15, 143 in a shell). A drained shutdown is a success: exit 0."""
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
 
 def settings_help() -> str:
     lines = ["settings (environment variables):"]
@@ -46,13 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        problems = "\n".join(  # name the variable the operator set, not the Python field
+            f"  {env_name(str(e['loc'][0])) if e['loc'] else 'settings'}: {e['msg']} (got {e.get('input')!r})"
+            for e in exc.errors()
+        )
+        print(f"invalid settings:\n{problems}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_cpu_threads(settings.cpu_threads)
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-        log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_timeout_s), access_log=False,
+        log_level=settings.log_level, access_log=False,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # int seconds; never round 0.5 down to 0
     )
     Server(config).run()
     return 0

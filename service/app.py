@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from service import metrics
-from service.api import classify, health, models
+from service.api import classify, health, models, v2
 from service.api.middleware import ApiKey, BodyLimit, Draining, RequestMetrics
 from service.config import Settings
 from service.engine import Engine
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings, app.state.registry, app.state.engine, app.state.draining = settings, registry, engine, False
-    for router in (classify.router, models.router, health.router):
+    for router in (classify.router, models.router, health.router, v2.router):
         app.include_router(router)
 
     @app.get("/metrics", include_in_schema=False)
@@ -63,7 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKey, key=settings.api_key.get_secret_value() if settings.api_key else None)
+    app.add_middleware(ApiKey, key=settings.api_key.get_secret_value() if settings.api_key else None,
+                       admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None)
     app.add_middleware(Draining, is_draining=lambda: app.state.draining)
     app.add_middleware(RequestMetrics, routes=lambda: app.router.routes, model_label=registry.known_model_label,
                        default_model=settings.default_model)

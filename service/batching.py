@@ -22,6 +22,7 @@ import numpy as np
 
 from service import metrics
 from service.errors import DeadlineExceeded, Unavailable
+from service.stats import InferenceStats
 
 log = logging.getLogger("igcv2.batching")
 InferFn = Callable[[list[np.ndarray]], Awaitable[np.ndarray]]
@@ -33,6 +34,8 @@ class _Item:
     deadline: float
     arrival: float = field(default_factory=time.monotonic)
     future: asyncio.Future[np.ndarray] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    started: float = 0.0  # when it left the queue for a batch (statistics)
+    computed: tuple[float, float] | None = None  # its batch's (start, end) (statistics)
 
 
 class DynamicBatcher:
@@ -55,6 +58,7 @@ class DynamicBatcher:
         self._closed = False
         self._workers: list[asyncio.Task[None]] = []
         self._labels = {"model": model, "version": str(version)}
+        self.stats = InferenceStats()
         metrics.QUEUE_CAPACITY.labels(**self._labels).set(max_queue_size)
         metrics.QUEUE_DEPTH.labels(**self._labels).set(0)
 
@@ -71,6 +75,7 @@ class DynamicBatcher:
             raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
         if len(self._queue) + len(images) > self.max_queue_size:
             metrics.REJECTED.labels(**self._labels, reason="queue_full").inc(len(images))
+            self.stats.record_failure(0.0)
             raise Unavailable(
                 f"queue full ({len(self._queue)} of {self.max_queue_size} images waiting); retry later", 1
             )
@@ -81,13 +86,27 @@ class DynamicBatcher:
             self._changed.notify()
         futures = [item.future for item in items]
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic()))
+            outputs = await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic()))
         except (TimeoutError, DeadlineExceeded) as exc:
             for f in futures:
                 f.cancel()
+            # Answered 504: the dropped images must not keep holding the bounded queue (or its depth).
+            live = [item for item in self._queue if not item.future.done()]
+            self._queue.clear()
+            self._queue.extend(live)
+            metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
             uncomputed = sum(1 for f in futures if f.cancelled())
             metrics.REJECTED.labels(**self._labels, reason="deadline").inc(uncomputed)
+            self.stats.record_failure(time.monotonic() - items[0].arrival)
             raise DeadlineExceeded(f"deadline passed before {uncomputed} of {len(items)} images were computed") from exc
+        except Exception:
+            self.stats.record_failure(time.monotonic() - items[0].arrival)
+            raise
+        if items:
+            batches = {item.computed for item in items if item.computed is not None}
+            self.stats.record_success(time.monotonic() - items[0].arrival, max(i.started - i.arrival for i in items),
+                                      sum(end - start for start, end in batches))
+        return outputs
 
     async def _next_batch(self) -> list[_Item] | None:
         async with self._changed:
@@ -107,6 +126,8 @@ class DynamicBatcher:
             batch: list[_Item] = []
             now = time.monotonic()
             while self._queue and len(batch) < self.max_batch_size:
+                if batch and self._queue[0].image.dtype != batch[0].image.dtype:
+                    break  # one input kind per batch (uint8 images or normalised float tensors): one tensor
                 item = self._queue.popleft()
                 if item.future.done():  # its request already gave up (deadline)
                     continue
@@ -114,6 +135,7 @@ class DynamicBatcher:
                     item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
                     continue
                 metrics.QUEUE_DURATION.labels(**self._labels).observe(now - item.arrival)
+                item.started = now
                 batch.append(item)
             metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
             return batch
@@ -125,16 +147,25 @@ class DynamicBatcher:
             started = time.perf_counter()
             try:
                 outputs = await infer([item.image for item in batch])
+            except asyncio.CancelledError:  # close() timed out: answer this batch rather than leave it hanging
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(Unavailable("shut down before this image was computed", 1))
+                raise
             except Exception as exc:
                 log.exception("inference failed for a batch of %d on %s", len(batch), self._labels)
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            metrics.INFERENCE_DURATION.labels(**self._labels).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            metrics.INFERENCE_DURATION.labels(**self._labels).observe(elapsed)
             metrics.BATCH_SIZE.labels(**self._labels).observe(len(batch))
             metrics.IMAGES.labels(**self._labels).inc(len(batch))
+            self.stats.record_batch(len(batch), elapsed)
+            span = (started, started + elapsed)
             for item, output in zip(batch, outputs, strict=True):
+                item.computed = span
                 if not item.future.done():
                     item.future.set_result(output)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from igcv2.artifact import MODEL_NAME
 
 ENV_PREFIX = "IGCV2_"
 # Settings a model's config.json "serving" section may override (unless the operator set them).
@@ -30,7 +32,9 @@ class Settings(BaseSettings):
     default_model: str = Field("igcv2-fashion", description="Model used when a request names none.")
 
     # Runtime
-    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: float16 on CUDA, float32 on CPU.")
     compile: bool = Field(True, description="Compile models with torch.compile (false: eager).")
@@ -77,13 +81,26 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            name, _, version = entry.partition(":")
+            if not MODEL_NAME.match(name) or (version and not (version.isdigit() and int(version) > 0)):
+                raise ValueError(f"{entry!r} is not 'name' or 'name:version' (a model name, a positive integer)")
+        return value
+
     def batching_for(self, serving: dict[str, Any]) -> dict[str, Any]:
         """Batching settings for one model: defaults < the model's ``serving`` section < explicit env."""
         merged = {name: getattr(self, name) for name in BATCHING_FIELDS}
-        for name in BATCHING_FIELDS:
-            if name in serving and name not in self.model_fields_set:
-                merged[name] = type(merged[name])(serving[name])
-        return merged
+        overrides = {name: serving[name] for name in BATCHING_FIELDS
+                     if name in serving and name not in self.model_fields_set}
+        try:  # the same bounds as the IGCV2_* variables: an artifact cannot ask for a batch of 0
+            checked = _ServingSection.model_validate(overrides)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"invalid serving section in config.json: {problems}") from None
+        return merged | {name: getattr(checked, name) for name in overrides}
 
     def wanted_models(self) -> dict[str, int | None]:
         """{name: version or None (latest)} from ``models``; empty means everything in the store."""
@@ -92,6 +109,12 @@ class Settings(BaseSettings):
             name, _, version = entry.partition(":")
             wanted[name] = int(version) if version else None
         return wanted
+
+
+_ServingSection = create_model(
+    "ServingSection", **{name: (Settings.model_fields[name].annotation, Settings.model_fields[name])
+                         for name in BATCHING_FIELDS},
+)
 
 
 def env_name(field: str) -> str:

@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from service import metrics
+from igcv2.artifact import MODEL_NAME, ArtifactError, versions
+from service import metrics, oip
 from service.config import Settings
-from service.errors import BadInput, InvalidParameter, TooLarge
+from service.errors import BadInput, InvalidParameter, NotFound, TooLarge
 from service.imaging import check_media_type, decode_image
-from service.registry import ModelRegistry, ServedModel
+from service.registry import ModelRegistry, ServedModel, State, validate_name
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Engine:
         self.registry = registry
         threads = settings.decode_threads or max(2, os.cpu_count() or 1)
         self.decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self._repository_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def deadline(self, timeout_s: float | None) -> float:
         """Monotonic deadline from the request's own timeout (X-Request-Timeout) or the default."""
@@ -86,6 +89,76 @@ class Engine:
                 "predictions": [{"label": labels[i], "class_id": int(i), "score": float(probs[i])} for i in best],
             })
         return {"model": served.name, "version": served.version, "results": results}
+
+    # ----- Open Inference Protocol (/v2) -----
+
+    async def infer_oip(
+        self, request: oip.InferRequest, model: str, version: int | None, timeout_s: float | None
+    ) -> oip.InferResponse:
+        """An inference request of the Open Inference Protocol: its images go through the same
+        decode pool and dynamic batcher as /classify's (the two routes share batches)."""
+        timeouts = [t for t in (request.timeout_s, timeout_s) if t is not None]
+        deadline = self.deadline(min(timeouts) if timeouts else None)
+        served = self.registry.resolve(model, version)
+        config = served.ready_config
+        tensor = oip.model_input(request, config.input)
+        requested = oip.resolve_outputs(request)
+        self.check_count(oip.batch_size(tensor))
+        if tensor.name == oip.ENCODED:
+            files = oip.encoded_images(tensor)
+            images = await self.decode(served, [Upload(f"{oip.ENCODED}[{i}]", None, f) for i, f in enumerate(files)])
+        else:
+            images = oip.image_arrays(tensor)
+        logits = np.stack(await served.infer(images, deadline))
+        if not np.isfinite(logits).all():  # only far-out ``normalized`` values get here; JSON cannot carry inf/NaN
+            raise BadInput(f"the model's outputs overflow for this input: {oip.NORMALIZED!r} values lie far "
+                           "outside the range of a normalised image")
+        values = {oip.LOGITS: logits, oip.PROBABILITIES: softmax(logits.astype(np.float64)).astype(np.float32)}
+        outputs = oip.make_outputs(requested, values, config.labels)
+        return oip.InferResponse(served.name, served.version, outputs, request.id)
+
+    def loaded(self, name: str, version: int | None = None) -> list[ServedModel]:
+        """The loaded (registered) versions of a model, or the one named; 404 when there is none."""
+        validate_name(name)
+        found = [m for m in self.registry.all() if m.name == name and version in (None, m.version)]
+        if not found:
+            self.registry.resolve(name, version)  # raises the registry's precise 404
+            raise NotFound(f"model {name!r} is not loaded")
+        return found
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
+        """Every version in the model store and every loaded one, with Triton's state names."""
+        states = {State.READY: "READY", State.LOADING: "LOADING", State.FAILED: "UNAVAILABLE"}
+        entries = {(m.name, m.version): {"name": m.name, "version": str(m.version), "state": states[m.state],
+                                         "reason": m.reason or ""} for m in self.registry.all()}
+        store = self.registry.store
+        names = [p.name for p in store.iterdir() if p.is_dir() and MODEL_NAME.match(p.name)] if store.is_dir() else []
+        for name in names:
+            for version in versions(store / name):
+                entries.setdefault((name, version), {"name": name, "version": str(version), "state": "UNAVAILABLE",
+                                                     "reason": "not loaded"})
+        found = [entries[k] for k in sorted(entries)]
+        return [e for e in found if e["state"] == "READY"] if ready_only else found
+
+    async def load_model(self, name: str) -> ServedModel:
+        """Load a model's newest version without a restart. Compilation and warm-up block, so they
+        run in a thread while every other model keeps serving; loads of one name run one at a time."""
+        validate_name(name)
+        async with self._repository_locks[name]:
+            try:
+                return await asyncio.to_thread(self.registry.load, name)
+            except ArtifactError as exc:
+                raise BadInput(f"failed to load model {name!r}: {exc}") from exc
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving every version of a model once its queued requests are answered; other
+        models and their queues are untouched. Unloading a model that is not loaded is a no-op."""
+        validate_name(name)
+        async with self._repository_locks[name]:
+            if any(m.name == name for m in self.registry.all()):
+                await self.registry.unload(name)
+            elif not versions(self.registry.store / name):
+                raise NotFound(f"unknown model {name!r}: not loaded and not in the model store")
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -40,6 +40,13 @@ def decode_image(data: bytes, spec: InputSpec, max_pixels: int, name: str = "ima
             width, height = image.size
             if width * height > max_pixels:
                 raise TooLarge(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+            # fit_image scales the shorter side up to the input: an 855-byte 1x400000 PNG would become a
+            # 28x11200000 image in memory. The fitted size obeys the limit too (or the input's own size).
+            scale = max(spec.width / max(width, 1), spec.height / max(height, 1))
+            fitted = max(spec.width, round(width * scale)) * max(spec.height, round(height * scale))
+            if fitted > max(max_pixels, spec.width * spec.height):
+                raise TooLarge(f"{name}: {width}x{height} would be resized to {fitted} pixels to fit the "
+                               f"{spec.width}x{spec.height} input; the limit is {max_pixels} pixels")
             if image.format == "JPEG":
                 image.draft("L" if spec.channels == 1 else "RGB", (spec.width, spec.height))
             image.seek(0)  # animated images: the first frame
@@ -53,3 +60,6 @@ def decode_image(data: bytes, spec: InputSpec, max_pixels: int, name: str = "ima
         raise BadInput(f"{name}: not a decodable image (supported: {', '.join(FORMATS)})") from exc
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError, TypeError) as exc:
         raise BadInput(f"{name}: corrupt or truncated image ({exc})") from exc
+    except Exception as exc:  # Pillow on hostile bytes raises more (struct.error, AttributeError from a broken
+        # EXIF block re-serialised by exif_transpose): still the client's bad input, never a 500
+        raise BadInput(f"{name}: corrupt image metadata ({type(exc).__name__}: {exc})") from exc

@@ -112,6 +112,22 @@ class ModelRunner:
         logits = self.forward(batch)[:n].float()
         return logits.cpu().numpy().copy()  # never hand out a view of a buffer the next call reuses
 
+    @torch.inference_mode()
+    def predict_normalized(self, tensors: list[np.ndarray]) -> np.ndarray:
+        """Float32 logits for N already-normalised float32 (C, H, W) tensors; call on ``self.executor``.
+
+        Runs the network without its ``Normalized`` wrapper: uint8 cannot carry these values, so
+        they are not de-normalised. Eager, not compiled: compiling a second graph per bucket would
+        double every model's warm-up for an input kind few clients use.
+        """
+        n = len(tensors)
+        if not 0 < n <= self.buckets[-1]:
+            raise ValueError(f"batch of {n} tensors; allowed 1..{self.buckets[-1]}")
+        batch = torch.from_numpy(np.stack(tensors)).to(self.device, self.options.dtype)
+        if self.device.type == "cuda" and self.options.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return self.module.network(batch).float().cpu().numpy().copy()
+
     def warmup(self) -> float:
         """Compile (when enabled) and run every bucket a few times; returns seconds spent.
 
@@ -141,8 +157,10 @@ class ModelRunner:
                 self.predict([blank] * b)
 
     async def infer(self, images: list[np.ndarray]) -> np.ndarray:
-        """Run :meth:`predict` on this instance's thread without blocking the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.predict, images)
+        """Run :meth:`predict` (uint8 images) or :meth:`predict_normalized` (float tensors; the
+        batcher never mixes the two) on this instance's thread without blocking the event loop."""
+        predict = self.predict if images[0].dtype == np.uint8 else self.predict_normalized
+        return await asyncio.get_running_loop().run_in_executor(self.executor, predict, images)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

@@ -73,11 +73,7 @@ class RequestMetrics:
     def labels(self, scope: Scope) -> tuple[str, str]:
         route, path_params = scope.get("route"), scope.get("path_params") or {}
         if route is None:
-            for candidate in self.routes():
-                match, child = candidate.matches(scope)
-                if match is Match.FULL:
-                    route, path_params = candidate, child.get("path_params", {})
-                    break
+            route, path_params = match_route(self.routes(), scope)
         endpoint = getattr(route, "path", None) or "unmatched"
         if "name" in path_params:
             return endpoint, self.model_label(path_params["name"])
@@ -87,18 +83,42 @@ class RequestMetrics:
         return endpoint, ""
 
 
-class ApiKey:
-    """When a key is set, every route but health and metrics needs ``Authorization: Bearer <key>``."""
+def match_route(routes: list[Any], scope: Scope) -> tuple[Any, dict[str, Any]]:
+    """The route a request would reach, and its path parameters (None when none matches).
 
-    def __init__(self, app: ASGIApp, key: str | None) -> None:
+    Recent FastAPI keeps an included router whole in ``app.router.routes`` (no ``path`` of its
+    own), so descend into it: otherwise every request refused before routing is "unmatched".
+    """
+    for candidate in routes:
+        inner = getattr(candidate, "original_router", None)
+        if inner is not None:
+            found = match_route(inner.routes, scope)
+            if found[0] is not None:
+                return found
+            continue
+        match, child = candidate.matches(scope)
+        if match is Match.FULL:
+            return candidate, child.get("path_params", {})
+    return None, {}
+
+
+class ApiKey:
+    """When a key is set, every route but health and metrics needs ``Authorization: Bearer <key>``.
+
+    The admin key passes too: a request carries one bearer token, and /v2/repository load/unload
+    (which check the admin key themselves) must get past this check with it.
+    """
+
+    def __init__(self, app: ASGIApp, key: str | None, admin_key: str | None = None) -> None:
         self.app = app
         self.key = key.encode() if key else None
+        self.admin_key = admin_key.encode() if admin_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.key is None or scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
             await self.app(scope, receive, send)
             return
-        if not bearer_matches(scope, self.key):
+        if not bearer_matches(scope, self.key) and not (self.admin_key and bearer_matches(scope, self.admin_key)):
             await send_error(send, 401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                              {"WWW-Authenticate": "Bearer"})
             return

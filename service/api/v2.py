@@ -1,0 +1,236 @@
+"""Open Inference Protocol (KServe v2 / Triton HTTP) under /v2: health, metadata, inference, and
+Triton's model configuration, statistics and model repository extensions.
+
+Handlers parse, call the engine (service.oip owns the wire format) and shape the answer; errors
+leave as ``{"error": "..."}``, as the protocol and every other route of the service do.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import zlib
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import Response
+
+from service import oip
+from service.api.schemas import ERROR_RESPONSES
+from service.engine import Engine
+from service.errors import BadInput, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable, UnsupportedMediaType
+from service.registry import ModelRegistry, State
+from service.stats import InferenceStats
+
+router = APIRouter(tags=["v2 (Open Inference Protocol)"], responses=ERROR_RESPONSES)
+SERVER_NAME = "igcv2"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
+VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
+Timeout = Annotated[float | None, Header(gt=0, le=3600, description="Deadline in seconds for this request.")]
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing API key, or missing admin key when IGCV2_ADMIN_KEY is set"},
+    403: {"description": "Wrong admin key"},
+}
+TENSOR_SCHEMA = {
+    "type": "object", "required": ["name", "shape", "datatype"],
+    "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                   "datatype": {"type": "string", "enum": list(oip.DATATYPES)}, "parameters": {"type": "object"},
+                   "data": {"type": "array"}},
+}
+INFER_BODY = {  # documents the JSON form in /docs; the handler reads the raw body (binary extension)
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["inputs"],
+        "properties": {"id": {"type": "string"}, "parameters": {"type": "object"},
+                       "inputs": {"type": "array", "minItems": 1, "items": TENSOR_SCHEMA},
+                       "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+                           "name": {"type": "string"}, "parameters": {"type": "object"}}}}},
+    }}}},
+}
+
+
+def version_number(request: Request, name: str) -> int | None:
+    """The ``/versions/{version}`` path segment, if the route has one; anything but a positive
+    integer names no version (404). Read from the path, so it is never a query parameter."""
+    version = request.path_params.get("version")
+    if version is None:
+        return None
+    if not VERSION.match(version):
+        raise NotFound(f"model {name!r} has no version {version!r} (versions are positive integers)")
+    return int(version)
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def require_admin(request: Request) -> None:
+    """Load/unload need ``Authorization: Bearer <admin key>`` when IGCV2_ADMIN_KEY is set."""
+    key = request.app.state.settings.admin_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the model repository needs the admin key: send 'Authorization: Bearer <admin key>'",
+                           {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+        raise Forbidden("wrong admin key for the model repository")
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, inflated when the client compressed it (tritonclient's
+    request_compression_algorithm), never past the body limit."""
+    body = await request.body()
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaType(f"unsupported Content-Encoding {encoding!r}: send gzip, deflate or none")
+    limit = request.app.state.settings.max_body_bytes
+    inflater = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip or zlib header, detected
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadInput(f"body is not valid {encoding} data: {exc}") from exc
+    if len(inflated) > limit:
+        raise TooLarge(f"body inflates past the limit of {limit} bytes")
+    if not inflater.eof:
+        raise BadInput(f"truncated {encoding} body")
+    return inflated
+
+
+async def json_parameters(request: Request) -> dict[str, Any]:
+    """The optional JSON object body of the repository calls (empty body: {})."""
+    body = await read_body(request)
+    if not body.strip():
+        return {}
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadInput(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise BadInput("request body must be a JSON object")
+    return document
+
+
+# ----- server -----
+
+
+@router.get("/v2")
+async def server_metadata(request: Request) -> dict:
+    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+
+
+@router.get("/v2/health/live")
+async def server_live() -> dict:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready")
+async def server_ready(request: Request) -> dict:
+    """200 once every configured model is loaded and warmed up; 503 (with the reason) before, and while draining."""
+    registry: ModelRegistry = request.app.state.registry
+    if request.app.state.draining:
+        raise Unavailable("server is shutting down", 1)
+    if not registry.is_ready():
+        waiting = [f"{m.name} v{m.version} {m.state}" for m in registry.all() if m.state is not State.READY]
+        raise Unavailable(f"not ready: {', '.join(waiting) or 'models not loaded yet'}", 5)
+    return {"ready": True}
+
+
+# ----- models (statistics first: /v2/models/stats is not a model named "stats") -----
+
+
+@router.get("/v2/models/stats")
+@router.get("/v2/models/{name}/stats")
+@router.get("/v2/models/{name}/versions/{version}/stats")
+async def model_statistics(request: Request) -> dict:
+    """Triton's statistics extension: request counts, queue and compute time (ns) per version."""
+    engine, name = engine_of(request), request.path_params.get("name")
+    models = engine.loaded(name, version_number(request, name)) if name else engine.registry.all()
+    return {"model_stats": [(m.batcher.stats if m.batcher else InferenceStats()).triton(m.name, m.version)
+                            for m in models]}
+
+
+@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}/versions/{version}")
+async def model_metadata(request: Request, name: str) -> dict:
+    engine, version = engine_of(request), version_number(request, name)
+    served = engine.registry.resolve(name, version)
+    config = served.ready_config
+    versions = [served.version] if version else [m.version for m in engine.loaded(name) if m.state is State.READY]
+    return oip.model_metadata(served.name, versions, config)
+
+
+@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready")
+async def model_ready(request: Request, name: str) -> dict:
+    """200 when the version (default: the newest ready one) can serve; 404 unknown, 503 not ready."""
+    served = engine_of(request).registry.resolve(name, version_number(request, name))
+    if served.state is not State.READY:
+        raise Unavailable(served.not_ready_message(), 5)
+    return {"name": served.name, "version": str(served.version), "ready": True}
+
+
+@router.get("/v2/models/{name}/config")
+@router.get("/v2/models/{name}/versions/{version}/config")
+async def model_config(request: Request, name: str) -> dict:
+    """Triton's model configuration extension (max_batch_size, inputs, outputs, dynamic_batching)."""
+    served = engine_of(request).registry.resolve(name, version_number(request, name))
+    return oip.model_config(served)
+
+
+@router.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY)
+@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
+async def infer(
+    request: Request,
+    name: str,
+    x_request_timeout: Timeout = None,
+    inference_header_content_length: Annotated[
+        str | None, Header(description="Size of the JSON header when binary tensor data follows it.")
+    ] = None,
+) -> Response:
+    """Classify a batch: one input (``image`` UINT8 NHWC, ``normalized`` FP32 NCHW or ``encoded``
+    BYTES), outputs ``probabilities`` / ``logits``, optionally as top-k classification strings."""
+    engine = engine_of(request)
+    parsed = oip.parse_request(await read_body(request), inference_header_content_length)
+    answer = await engine.infer_oip(parsed, name, version_number(request, name), x_request_timeout)
+    body, header_length = oip.encode_response(answer)
+    if header_length is None:
+        return Response(body, media_type="application/json")
+    return Response(body, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(header_length)})
+
+
+# ----- model repository -----
+
+
+@router.post("/v2/repository/index")
+async def repository_index(request: Request) -> list[dict[str, Any]]:
+    """Every version in the store or loaded, with Triton's states (READY, LOADING, UNAVAILABLE)."""
+    ready = (await json_parameters(request)).get("ready", False)
+    if not isinstance(ready, bool):
+        raise BadInput(f"'ready' must be true or false, got {ready!r}")
+    return engine_of(request).repository_index(ready_only=ready)
+
+
+@router.post("/v2/repository/models/{name}/load", dependencies=[Depends(require_admin)], responses=ADMIN_RESPONSES)
+async def load_model(request: Request, name: str) -> dict:
+    """Load the newest version of ``name`` from the store; other models keep serving meanwhile."""
+    parameters = (await json_parameters(request)).get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadInput("'parameters' must be a JSON object")
+    if parameters:
+        raise BadInput(f"load parameters are not supported ({', '.join(sorted(parameters))}): "
+                       "the model store's config.json is the configuration")
+    served = await engine_of(request).load_model(name)
+    return {"name": served.name, "version": str(served.version), "state": "READY"}
+
+
+@router.post("/v2/repository/models/{name}/unload", dependencies=[Depends(require_admin)],
+             responses=ADMIN_RESPONSES)
+async def unload_model(request: Request, name: str) -> dict:
+    """Unload every version of ``name`` after its queued requests are answered."""
+    await json_parameters(request)  # {"parameters": {"unload_dependents": ...}}: no model here has dependents
+    await engine_of(request).unload_model(name)
+    return {"name": name, "state": "UNAVAILABLE"}

@@ -1,0 +1,506 @@
+"""Open Inference Protocol (KServe v2 / Triton HTTP) on the wire, and IGCV2 classifiers on it.
+
+Two halves, both free of HTTP (the route hands in body bytes and the value of the
+``Inference-Header-Content-Length`` header, and gets bytes and a header length back):
+
+* tensors: JSON and binary-extension requests and responses, datatypes, shapes, the
+  length-prefixed ``BYTES`` encoding; every malformed request raises :class:`BadInput` (400);
+* the model's face: three optional inputs (``image`` UINT8 NHWC as the decoder produces it,
+  ``normalized`` FP32 NCHW, ``encoded`` BYTES of PNG/JPEG files), two outputs (``probabilities``,
+  ``logits``), Triton's classification extension, and the metadata and configuration documents.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from igcv2.artifact import ArtifactConfig, InputSpec
+from service.errors import BadInput
+
+if TYPE_CHECKING:
+    from service.registry import ServedModel
+
+# Little-endian, as the binary tensor data extension specifies; BYTES is length-prefixed (below).
+DATATYPES: dict[str, np.dtype | None] = {
+    "BOOL": np.dtype("?"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+    "BYTES": None,
+}  # fmt: skip
+MAX_JSON_DEPTH = 32  # nested "data" arrays deeper than any tensor we accept are refused, not recursed into
+
+IMAGE, NORMALIZED, ENCODED = "image", "normalized", "encoded"
+PROBABILITIES, LOGITS = "probabilities", "logits"
+OUTPUTS = (PROBABILITIES, LOGITS)
+PLATFORM = BACKEND = "pytorch"
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors on the wire
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tensor:
+    """One input tensor: ``data`` has ``shape`` (an object array of ``bytes`` for BYTES)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+    binary: bool = False  # sent through the binary data extension (else as JSON "data")
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None = None  # None: not said, the request's binary_data_output decides
+    classification: int = 0  # > 0: Triton's classification extension, top-k "score:index:label"
+
+
+@dataclass
+class InferRequest:
+    inputs: list[Tensor]
+    outputs: list[RequestedOutput] | None  # None: the request named none (the model's defaults)
+    id: str | None = None
+    binary_output: bool = False  # request parameter "binary_data_output": the default for every output
+    timeout_s: float | None = None  # Triton's "timeout" request parameter (sent in microseconds)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    data: np.ndarray  # its shape is the tensor's shape
+    binary: bool = False
+
+
+@dataclass
+class InferResponse:
+    model_name: str
+    model_version: int
+    outputs: list[OutputTensor]
+    id: str | None = None
+
+
+def _reject_constant(value: str) -> Any:
+    raise BadInput(f"inference request header: {value} is not a valid JSON number")
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadInput(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _header_length(value: str | int | None, body_size: int) -> int:
+    """The JSON part's size from Inference-Header-Content-Length; the whole body when absent."""
+    if value is None:
+        return body_size
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"Inference-Header-Content-Length must be an integer, got {value!r}") from None
+    if not 0 < size <= body_size:
+        raise BadInput(f"Inference-Header-Content-Length {size} does not fit a body of {body_size} bytes")
+    return size
+
+
+def parse_request(body: bytes, header_length: str | int | None = None) -> InferRequest:
+    """Parse an inference request: JSON only, or JSON followed by binary tensor data."""
+    size = _header_length(header_length, len(body))
+    try:
+        header = json.loads(body[:size].decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadInput(f"inference request header is not valid JSON: {exc}") from exc
+    header = _object(header, "inference request")
+    binary = memoryview(body)[size:]
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadInput("inference request needs a non-empty 'inputs' list")
+    offset, inputs = 0, []
+    for index, raw in enumerate(raw_inputs):
+        tensor, used = _parse_input(_object(raw, f"inputs[{index}]"), index, binary[offset:])
+        offset += used
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise BadInput(f"{len(binary)} bytes of binary data follow the JSON header but the inputs' "
+                       f"binary_data_size add up to {offset}")
+    names = [t.name for t in inputs]
+    if len(set(names)) != len(names):
+        raise BadInput(f"input names must be unique, got {names}")
+    parameters = _object(header.get("parameters") or {}, "'parameters'")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadInput(f"'id' must be a string, got {type(request_id).__name__}")
+    return InferRequest(
+        inputs=inputs, outputs=_parse_outputs(header.get("outputs")), id=request_id,
+        binary_output=_flag(parameters, "binary_data_output", "request parameter"),
+        timeout_s=_timeout(parameters.get("timeout")), parameters=parameters,
+    )
+
+
+def _flag(parameters: dict[str, Any], key: str, what: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise BadInput(f"{what} {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _timeout(value: Any) -> float | None:
+    """Triton's per-request timeout, in microseconds; 0 or absent: the server's default."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadInput(f"request parameter 'timeout' must be a non-negative integer (microseconds), got {value!r}")
+    return value / 1e6
+
+
+def _parse_shape(raw: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+        raise BadInput(f"{where}: 'shape' must be a list of non-negative integers, got {raw!r}")
+    return tuple(raw)
+
+
+def _parse_input(raw: dict[str, Any], index: int, binary: memoryview) -> tuple[Tensor, int]:
+    """One input tensor, and how many bytes of the binary section it took."""
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"inputs[{index}] needs a 'name' string")
+    where = f"input {name!r}"
+    datatype = raw.get("datatype")
+    if datatype not in DATATYPES:
+        raise BadInput(f"{where}: unsupported datatype {datatype!r}; supported: {', '.join(DATATYPES)}")
+    shape = _parse_shape(raw.get("shape"), where)
+    count = math.prod(shape)
+    parameters = _object(raw.get("parameters") or {}, f"{where} 'parameters'")
+    if "shared_memory_region" in parameters:
+        raise BadInput(f"{where}: the shared-memory extension is not supported; send the data in the request")
+    if "binary_data_size" in parameters:
+        size = parameters["binary_data_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BadInput(f"{where}: binary_data_size must be a non-negative integer, got {size!r}")
+        if "data" in raw:
+            raise BadInput(f"{where}: has both 'data' and binary_data_size; send one")
+        if size > len(binary):
+            raise BadInput(f"{where}: binary_data_size {size} but only {len(binary)} bytes of binary data remain")
+        data = _from_binary(bytes(binary[:size]), datatype, shape, count, where)
+        return Tensor(name, datatype, shape, data, True, parameters), size
+    if "data" not in raw:
+        raise BadInput(f"{where}: no 'data' and no binary_data_size parameter")
+    return Tensor(name, datatype, shape, _from_json(raw["data"], datatype, shape, count, where), False,
+                  parameters), 0
+
+
+def _from_binary(raw: bytes, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
+    dtype = DATATYPES[datatype]
+    if dtype is None:
+        items = deserialize_bytes(raw, where)
+        if len(items) != count:
+            raise BadInput(f"{where}: {len(items)} BYTES elements in the binary data; shape {list(shape)} "
+                           f"needs {count}")
+        return _object_array(items, shape)
+    if len(raw) != count * dtype.itemsize:
+        raise BadInput(f"{where}: {len(raw)} bytes of binary data, shape {list(shape)} of {datatype} needs "
+                       f"{count * dtype.itemsize}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _flatten(data: Any, where: str, depth: int = 0) -> list[Any]:
+    """Row-major elements of a flat or nested JSON array (Triton accepts both)."""
+    if not isinstance(data, list):
+        return [data]
+    if depth > MAX_JSON_DEPTH:
+        raise BadInput(f"{where}: 'data' is nested deeper than {MAX_JSON_DEPTH} levels")
+    if not any(isinstance(item, list) for item in data):
+        return data
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flatten(item, where, depth + 1))
+    return out
+
+
+def _from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
+    flat = _flatten(data, where)
+    if len(flat) != count:
+        raise BadInput(f"{where}: {len(flat)} elements in 'data', shape {list(shape)} needs {count}")
+    dtype = DATATYPES[datatype]
+    if dtype is None:
+        if not all(isinstance(x, str) for x in flat):
+            raise BadInput(f"{where}: BYTES elements in JSON must be strings")
+        return _object_array([x.encode("utf-8") for x in flat], shape)
+    if dtype.kind == "b":
+        valid = all(isinstance(x, bool) for x in flat)
+    elif dtype.kind in "iu":
+        valid = all(isinstance(x, int) and not isinstance(x, bool) for x in flat)
+    else:
+        valid = all(isinstance(x, int | float) and not isinstance(x, bool) for x in flat)
+    if not valid:
+        raise BadInput(f"{where}: every element of a {datatype} tensor must be a JSON "
+                       f"{'boolean' if dtype.kind == 'b' else 'integer' if dtype.kind in 'iu' else 'number'}")
+    try:
+        return np.array(flat, dtype=dtype).reshape(shape)
+    except OverflowError as exc:
+        raise BadInput(f"{where}: a value is out of range for {datatype}: {exc}") from exc
+
+
+def _object_array(items: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def deserialize_bytes(raw: bytes, where: str = "tensor") -> list[bytes]:
+    """BYTES tensor data: each element a 4-byte little-endian length, then that many bytes."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise BadInput(f"{where}: truncated BYTES element length at byte {offset}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise BadInput(f"{where}: BYTES element of {length} bytes at byte {offset} runs past the data")
+        items.append(raw[offset : offset + length])
+        offset += length
+    return items
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """The length-prefixed binary form of a BYTES tensor, row-major."""
+    parts = []
+    for item in array.ravel():
+        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        parts += [struct.pack("<I", len(data)), data]
+    return b"".join(parts)
+
+
+def _parse_outputs(raw: Any) -> list[RequestedOutput] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise BadInput("'outputs' must be a list")
+    outputs = []
+    for index, item in enumerate(raw):
+        item = _object(item, f"outputs[{index}]")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadInput(f"outputs[{index}] needs a 'name' string")
+        parameters = _object(item.get("parameters") or {}, f"output {name!r} 'parameters'")
+        if "shared_memory_region" in parameters:
+            raise BadInput(f"output {name!r}: the shared-memory extension is not supported")
+        k = parameters.get("classification", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise BadInput(f"output {name!r}: 'classification' must be a non-negative integer, got {k!r}")
+        binary = parameters.get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise BadInput(f"output {name!r}: 'binary_data' must be true or false, got {binary!r}")
+        outputs.append(RequestedOutput(name, binary, k))
+    names = [out.name for out in outputs]
+    if len(set(names)) != len(names):
+        raise BadInput(f"output names must be unique, got {names}")
+    return outputs
+
+
+def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
+    """Response body, and the JSON header's length when binary output data follows it (else None)."""
+    outputs, chunks = [], []
+    for out in response.outputs:
+        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.data.shape)}
+        if out.binary:
+            chunk = serialize_bytes(out.data) if out.datatype == "BYTES" else _little_endian(out).tobytes()
+            entry["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        elif out.datatype == "BYTES":
+            entry["data"] = [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in out.data.ravel()]
+        else:
+            entry["data"] = out.data.ravel().tolist()
+        outputs.append(entry)
+    document: dict[str, Any] = {"model_name": response.model_name, "model_version": str(response.model_version)}
+    if response.id is not None:
+        document["id"] = response.id
+    document["outputs"] = outputs
+    header = json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def _little_endian(out: OutputTensor) -> np.ndarray:
+    dtype = DATATYPES[out.datatype]
+    assert dtype is not None  # BYTES is handled by the caller
+    return np.ascontiguousarray(out.data, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# IGCV2 image classifiers on the protocol
+# ----------------------------------------------------------------------------------------------
+
+
+def input_layouts(spec: InputSpec) -> dict[str, tuple[str, tuple[int, ...], str]]:
+    """{input name: (datatype, per-image dims, Triton format)}; the batch dimension comes first."""
+    return {
+        IMAGE: ("UINT8", (spec.height, spec.width, spec.channels), "FORMAT_NHWC"),
+        NORMALIZED: ("FP32", (spec.channels, spec.height, spec.width), "FORMAT_NCHW"),
+        ENCODED: ("BYTES", (1,), "FORMAT_NONE"),
+    }
+
+
+def input_metadata(spec: InputSpec) -> list[dict[str, Any]]:
+    return [{"name": n, "datatype": d, "shape": [-1, *dims]} for n, (d, dims, _) in input_layouts(spec).items()]
+
+
+def output_metadata(num_classes: int) -> list[dict[str, Any]]:
+    return [{"name": name, "datatype": "FP32", "shape": [-1, num_classes]} for name in OUTPUTS]
+
+
+def model_input(request: InferRequest, spec: InputSpec) -> Tensor:
+    """The request's one image input, checked against the model's layout (400 on any mismatch)."""
+    layouts = input_layouts(spec)
+    accepted = ", ".join(f"{n!r} ({d} {[-1, *dims]})" for n, (d, dims, _) in layouts.items())
+    if len(request.inputs) != 1:
+        raise BadInput(f"send exactly one input, one of {accepted}; got {[t.name for t in request.inputs]}")
+    tensor = request.inputs[0]
+    if tensor.name not in layouts:
+        raise BadInput(f"unknown input {tensor.name!r}; this model takes one of {accepted}")
+    datatype, dims, _ = layouts[tensor.name]
+    if tensor.datatype != datatype:
+        raise BadInput(f"input {tensor.name!r} must be {datatype}, got {tensor.datatype}")
+    shape = tensor.shape
+    if not shape or shape[0] < 1:
+        raise BadInput(f"input {tensor.name!r} holds no image: the first dimension is the batch size, "
+                       f"got shape {list(shape)}")
+    if tensor.name == ENCODED:
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise BadInput(f"input {ENCODED!r} must have shape [N] or [N, 1] (one encoded image each), "
+                           f"got {list(shape)}")
+    elif len(shape) != 1 + len(dims) or tuple(shape[1:]) != dims:
+        raise BadInput(f"input {tensor.name!r} must have shape {[-1, *dims]} (batch first), got {list(shape)}")
+    if tensor.name == NORMALIZED and not np.isfinite(tensor.data).all():
+        raise BadInput(f"input {NORMALIZED!r} holds NaN or infinite values")
+    return tensor
+
+
+def batch_size(tensor: Tensor) -> int:
+    return tensor.shape[0]
+
+
+def image_arrays(tensor: Tensor) -> list[np.ndarray]:
+    """One native-endian array per batch element: uint8 (H, W, C) or float32 (C, H, W)."""
+    native = np.ascontiguousarray(tensor.data, dtype=np.uint8 if tensor.datatype == "UINT8" else np.float32)
+    return list(native)
+
+
+def encoded_images(tensor: Tensor) -> list[bytes]:
+    """The files of an ``encoded`` input; JSON cannot carry raw bytes, so there they are base64."""
+    items = list(tensor.data.ravel())
+    if tensor.binary:
+        return items
+    try:
+        return [base64.b64decode(item, validate=True) for item in items]
+    except (binascii.Error, ValueError) as exc:
+        raise BadInput(f"input {ENCODED!r}: JSON elements must be base64-encoded image files ({exc}); "
+                       "or send raw bytes with the binary data extension") from exc
+
+
+def resolve_outputs(request: InferRequest) -> list[RequestedOutput]:
+    """The outputs to return: those requested (checked), else ``probabilities``; binary defaults
+    to the request's ``binary_data_output`` parameter, as in Triton."""
+    if not request.outputs:
+        return [RequestedOutput(PROBABILITIES, request.binary_output)]
+    resolved = []
+    for out in request.outputs:
+        if out.name not in OUTPUTS:
+            raise BadInput(f"unknown output {out.name!r}; this model produces {', '.join(map(repr, OUTPUTS))}")
+        binary = request.binary_output if out.binary is None else out.binary
+        resolved.append(RequestedOutput(out.name, binary, out.classification))
+    return resolved
+
+
+def classification(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
+    """Triton's classification extension: the top ``k`` of each row as ``"score:index:label"``
+    (score printed as C's ``%f``, as Triton does), BYTES of shape (N, min(k, classes))."""
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    array = np.empty((scores.shape[0], k), dtype=object)
+    for r, (row, best) in enumerate(zip(scores, order, strict=True)):
+        array[r, :] = [f"{float(row[i]):f}:{int(i)}:{labels[i]}".encode() for i in best]
+    return array
+
+
+def make_outputs(
+    requested: list[RequestedOutput], values: dict[str, np.ndarray], labels: list[str]
+) -> list[OutputTensor]:
+    """Output tensors from the computed ``values`` ({output name: (N, classes) scores})."""
+    outputs = []
+    for out in requested:
+        data, binary = values[out.name], bool(out.binary)
+        if out.classification:
+            outputs.append(OutputTensor(out.name, "BYTES", classification(data, out.classification, labels), binary))
+        else:
+            outputs.append(OutputTensor(out.name, "FP32", data.astype(np.float32, copy=False), binary))
+    return outputs
+
+
+def model_metadata(name: str, versions: list[int], config: ArtifactConfig) -> dict[str, Any]:
+    """The protocol's model metadata: inputs and outputs with datatypes, batch dimension -1."""
+    return {
+        "name": name, "versions": [str(v) for v in versions], "platform": PLATFORM,
+        "inputs": input_metadata(config.input), "outputs": output_metadata(len(config.labels)),
+    }
+
+
+def model_config(served: ServedModel) -> dict[str, Any]:
+    """Triton's model configuration document (model configuration extension) of a ready version.
+
+    Field names and enum spellings are Triton's (``TYPE_STRING`` for BYTES, ``FORMAT_NHWC``,
+    ``KIND_GPU``), so tools that read Triton configs (perf_analyzer, model_analyzer) understand it.
+    The input normalisation and labels ride in ``parameters``: a client sending ``normalized``
+    needs the mean and std.
+    """
+    config, batching = served.ready_config, served.batching
+    runner = served.runners[0] if served.runners else None
+    gpu = runner is not None and runner.device.type == "cuda"
+    inputs = [
+        {"name": name, "data_type": f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}", "format": fmt,
+         "dims": list(dims), "optional": True}
+        for name, (datatype, dims, fmt) in input_layouts(config.input).items()
+    ]
+    group: dict[str, Any] = {"name": served.name, "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                             "count": batching["instances"]}
+    if gpu and runner is not None:
+        group["gpus"] = [runner.device.index or 0]
+    parameters = {"mean": config.input.mean, "std": config.input.std, "labels": config.labels}
+    if runner is not None:
+        parameters.update(precision=str(runner.options.dtype).removeprefix("torch."), compiled=runner.compiled)
+    return {
+        "name": served.name,
+        "platform": PLATFORM,
+        "backend": BACKEND,
+        "version_policy": {"specific": {"versions": [served.version]}},
+        "max_batch_size": batching["max_batch_size"],
+        "input": inputs,
+        "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [len(config.labels)]} for name in OUTPUTS],
+        "dynamic_batching": {
+            "preferred_batch_size": runner.buckets if runner is not None else [batching["max_batch_size"]],
+            "max_queue_delay_microseconds": round(batching["max_queue_delay_ms"] * 1000),
+            "preserve_ordering": False,
+            "default_queue_policy": {
+                "timeout_action": "REJECT",
+                "default_timeout_microseconds": round(batching["request_timeout_s"] * 1e6),
+                "allow_timeout_override": True,
+                "max_queue_size": batching["max_queue_size"],
+            },
+        },
+        "instance_group": [group],
+        "parameters": {key: {"string_value": json.dumps(value)} for key, value in parameters.items()},
+    }

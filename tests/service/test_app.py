@@ -1,0 +1,305 @@
+"""The app in-process (TestClient / httpx ASGI transport): API key, body limit, error bodies, draining, metrics labels.
+
+End-to-end behaviour over a real socket lives in tests/e2e; these tests reach what a socket test cannot
+see directly: how a streamed body is cut off, and which labels each answer is counted under.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from samples import DEFAULT_MODEL, default_model_store, fashion_pngs, multipart
+
+from igcv2.artifact import CONFIG_FILE, WEIGHTS_FILE, versions
+from service.app import create_app
+from service.config import Settings
+
+torch.set_num_threads(1)
+KEY = "unit-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY_LIMIT = 16 * 1024
+READY_TIMEOUT_S = 180
+
+
+def app_settings(store: Path, **kwargs: Any) -> Settings:
+    values: dict[str, Any] = {"model_store": store, "models": DEFAULT_MODEL, "compile": False, "max_batch_size": 4,
+                              "max_images_per_request": 4, "max_body_bytes": BODY_LIMIT, **kwargs}
+    return Settings(_env_file=None, **values)
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[None]:
+    """Run the app's lifespan on the current loop (the ASGI transport does not) until its models are ready."""
+    async with app.router.lifespan_context(app):
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not app.state.registry.is_ready():
+            assert time.monotonic() < deadline, "models did not become ready"
+            await asyncio.sleep(0.05)
+        yield
+
+
+def wait_ready(client: TestClient) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while client.get("/health/ready").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/health/ready").text
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return default_model_store(tmp_path_factory.mktemp("app"))
+
+
+@pytest.fixture(scope="module")
+def client(store: Path) -> Iterator[TestClient]:
+    """The service with an API key and a small body limit, models loaded (lifespan ran)."""
+    with TestClient(create_app(app_settings(store, api_key=KEY))) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def requests_total(endpoint: str, model: str, code: int) -> float:
+    labels = {"endpoint": endpoint, "model": model, "code": str(code)}
+    return REGISTRY.get_sample_value("igcv2_requests_total", labels) or 0.0
+
+
+def duration_count(endpoint: str, model: str, code: int) -> float:
+    labels = {"endpoint": endpoint, "model": model, "code": str(code)}
+    return REGISTRY.get_sample_value("igcv2_request_duration_seconds_count", labels) or 0.0
+
+
+def assert_error(response: httpx.Response, status: int, *fragments: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) >= {"error"} and isinstance(body["error"], str) and body["error"]
+    for fragment in fragments:
+        assert fragment in body["error"], body["error"]
+    return body["error"]
+
+
+# ----- API key -----
+
+@pytest.mark.parametrize("path", ["/health/live", "/health/ready", "/metrics"])
+def test_health_and_metrics_need_no_key(client: TestClient, path: str) -> None:
+    assert client.get(path).status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/classify"), ("GET", "/models"), ("GET", f"/models/{DEFAULT_MODEL}"), ("GET", "/docs"),
+    ("GET", "/openapi.json"), ("GET", "/no/such/route"),
+])
+def test_every_other_route_needs_the_key(client: TestClient, method: str, path: str) -> None:
+    response = client.request(method, path)
+    assert_error(response, 401, "API key")
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("header", [f"Bearer {KEY}x", "Bearer wrong", f"Basic {KEY}", KEY, "Bearer ", f"{KEY} Bearer",
+                                    f"Bearer {KEY[:-1]}"])
+def test_wrong_credentials_are_refused(client: TestClient, header: str) -> None:
+    assert_error(client.get("/models", headers={"Authorization": header}), 401)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_key_opens_every_route(client: TestClient, scheme: str) -> None:
+    headers = {"Authorization": f"{scheme} {KEY}"}
+    assert client.get("/models", headers=headers).json()["models"][0]["name"] == DEFAULT_MODEL
+    assert client.get("/docs", headers=headers).status_code == 200
+    response = client.post("/classify", params={"top_k": 3}, files=multipart(fashion_pngs(2)), headers=headers)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == DEFAULT_MODEL
+    assert [len(r["predictions"]) for r in body["results"]] == [3, 3]
+
+
+def test_key_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IGCV2_API_KEY", "from-env")
+    monkeypatch.setenv("IGCV2_MODEL_STORE", str(tmp_path))
+    unstarted = TestClient(create_app(Settings(_env_file=None)))  # no lifespan: no models, routes still answer
+    assert_error(unstarted.get("/models", headers=AUTH), 401)
+    assert unstarted.get("/models", headers={"Authorization": "Bearer from-env"}).json()["models"] == []
+    assert unstarted.get("/health/live").status_code == 200
+
+
+def test_no_key_configured_means_open(store: Path) -> None:
+    app = create_app(app_settings(store))
+    with TestClient(app) as open_client:  # models need not be ready for this
+        assert open_client.get("/models").status_code == 200
+
+
+# ----- body limit -----
+
+def test_declared_content_length_over_the_limit_is_413_before_reading(client: TestClient) -> None:
+    before = requests_total("/classify", DEFAULT_MODEL, 413)
+    response = client.post("/classify", content=b"\0" * (BODY_LIMIT + 1),
+                           headers={**AUTH, "content-type": "image/png"})
+    assert_error(response, 413, f"{BODY_LIMIT + 1} bytes", str(BODY_LIMIT))
+    assert requests_total("/classify", DEFAULT_MODEL, 413) == before + 1  # counted under its route
+
+
+def test_chunked_body_without_content_length_over_the_limit_is_413(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(BODY_LIMIT // 1024 + 2):
+            yield b"\0" * 1024
+
+    response = client.post("/classify", content=chunks(), headers={**AUTH, "content-type": "image/png"})
+    assert response.request.headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in response.request.headers
+    assert_error(response, 413, "exceeds the limit")
+
+
+def test_multipart_over_the_limit_is_413(client: TestClient) -> None:
+    big = [("file", ("big.png", b"\0" * (BODY_LIMIT + 10), "image/png"))]
+    assert_error(client.post("/classify", files=big, headers=AUTH), 413)
+
+
+def test_chunked_body_is_cut_off_while_streaming(store: Path) -> None:
+    """Over the ASGI transport each chunk is its own message: the server stops pulling chunks once
+    the body passes the limit (it never buffers the whole body), and a chunked body under the limit
+    is served."""
+    app = create_app(app_settings(store, api_key=KEY))
+    png = fashion_pngs(1)[0]
+
+    async def main() -> None:
+        async with running(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                pulled = 0
+                total = 100
+
+                async def big() -> AsyncIterator[bytes]:
+                    nonlocal pulled
+                    for _ in range(total):
+                        pulled += 1
+                        yield b"\0" * 1024
+
+                response = await http.post("/classify", content=big(), headers={**AUTH, "content-type": "image/png"})
+                assert_error(response, 413, "exceeds the limit")
+                assert pulled <= BODY_LIMIT // 1024 + 2 < total, f"pulled {pulled} of {total} chunks"
+
+                async def small() -> AsyncIterator[bytes]:
+                    for i in range(0, len(png), 100):
+                        yield png[i : i + 100]
+
+                response = await http.post("/classify", content=small(),
+                                           headers={**AUTH, "content-type": "image/png"})
+                assert response.status_code == 200, response.text
+
+    asyncio.run(main())
+
+
+# ----- error bodies -----
+
+@pytest.mark.parametrize(("params", "headers", "status", "fragment"), [
+    ({"top_k": 0}, {}, 422, "top_k"),
+    ({"top_k": "many"}, {}, 422, "top_k"),
+    ({"version": 0}, {}, 422, "version"),
+    ({}, {"X-Request-Timeout": "soon"}, 422, "x-request-timeout"),
+    ({}, {"X-Request-Timeout": "0"}, 422, "x-request-timeout"),
+    ({"model": "no-such-model"}, {}, 404, "no-such-model"),
+])
+def test_bad_parameters_are_json_errors(client: TestClient, params: dict[str, Any], headers: dict[str, str],
+                                        status: int, fragment: str) -> None:
+    response = client.post("/classify", params=params, files=multipart(fashion_pngs(1)), headers={**AUTH, **headers})
+    assert_error(response, status, fragment)
+
+
+def test_unknown_route_and_wrong_method_are_json_errors(client: TestClient) -> None:
+    assert_error(client.get("/no/such/route", headers=AUTH), 404)
+    assert_error(client.get("/classify", headers=AUTH), 405)
+
+
+def test_too_many_images_is_413(client: TestClient) -> None:
+    assert_error(client.post("/classify", files=multipart(fashion_pngs(5)), headers=AUTH), 413, "limit is 4")
+
+
+# ----- draining -----
+
+def test_draining_refuses_new_work_but_stays_live(client: TestClient) -> None:
+    before = requests_total("/classify", DEFAULT_MODEL, 503)
+    client.app.state.draining = True  # type: ignore[attr-defined]
+    try:
+        response = client.post("/classify", files=multipart(fashion_pngs(1)), headers=AUTH)
+        assert_error(response, 503, "shutting down")
+        assert requests_total("/classify", DEFAULT_MODEL, 503) == before + 1
+        assert response.headers["retry-after"] == "1"
+        assert client.get("/health/live").status_code == 200
+        assert_error(client.get("/health/ready"), 503, "draining")
+    finally:
+        client.app.state.draining = False  # type: ignore[attr-defined]
+    assert client.post("/classify", files=multipart(fashion_pngs(1)), headers=AUTH).status_code == 200
+
+
+# ----- readiness with a broken model -----
+
+def test_ready_is_503_while_a_configured_model_failed(store: Path, tmp_path: Path) -> None:
+    name = "broken-fashion"  # not the default model's name: its metrics stay the other app's
+    source = store / DEFAULT_MODEL / str(versions(store / DEFAULT_MODEL)[-1])
+    broken = tmp_path / "store" / name / "1"
+    broken.mkdir(parents=True)
+    config = json.loads((source / CONFIG_FILE).read_text())
+    (broken / CONFIG_FILE).write_text(json.dumps({**config, "name": name, "version": 1}))
+    (broken / WEIGHTS_FILE).write_bytes(b"not the weights")
+    with TestClient(create_app(app_settings(tmp_path / "store", models=name, default_model=name))) as broken_client:
+        deadline = time.monotonic() + 60
+        while not broken_client.app.state.registry.started:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert_error(broken_client.get("/health/ready"), 503, f"not ready: {name} v1 failed")
+        listing = broken_client.get("/models").json()["models"]
+        assert listing[0]["state"] == "failed" and "checksum mismatch" in listing[0]["reason"]
+        response = broken_client.post("/classify", files=multipart(fashion_pngs(1)))
+        assert_error(response, 503, "not ready", "checksum mismatch")
+        assert int(response.headers["retry-after"]) >= 1
+
+
+# ----- metrics labels -----
+
+def test_metrics_count_answers_by_route_template_model_and_code(client: TestClient) -> None:
+    stranger = f"model-{uuid.uuid4().hex[:8]}"
+    watched = {
+        ("/classify", DEFAULT_MODEL, 200): lambda: client.post("/classify", files=multipart(fashion_pngs(1)),
+                                                               headers=AUTH),
+        ("/classify", "unknown", 404): lambda: client.post("/classify", params={"model": stranger},
+                                                           files=multipart(fashion_pngs(1)), headers=AUTH),
+        ("/models/{name}", DEFAULT_MODEL, 200): lambda: client.get(f"/models/{DEFAULT_MODEL}", headers=AUTH),
+        ("/models/{name}", "unknown", 404): lambda: client.get(f"/models/{stranger}", headers=AUTH),
+        ("/models", "", 401): lambda: client.get("/models"),
+        ("unmatched", "", 404): lambda: client.get(f"/{stranger}/x", headers=AUTH),
+        ("/health/live", "", 200): lambda: client.get("/health/live"),
+    }
+    before = {labels: (requests_total(*labels), duration_count(*labels)) for labels in watched}
+    for (_, _, code), send in watched.items():
+        assert send().status_code == code
+    for labels, (count, durations) in before.items():
+        assert requests_total(*labels) == count + 1, labels
+        assert duration_count(*labels) == durations + 1, labels
+    text = client.get("/metrics").text
+    assert stranger not in text, "a client-chosen name became a label value"
+    assert re.search(r'^igcv2_images_total\{model="igcv2-fashion",version="\d+"\} [1-9]', text, re.M)
+    assert re.search(r'^igcv2_preprocess_duration_seconds_count\{model="igcv2-fashion"\} [1-9]', text, re.M)
+
+
+def test_metrics_labels_stay_bounded_under_many_names(client: TestClient) -> None:
+    series = len(re.findall(r"^igcv2_requests_total\{", client.get("/metrics").text, re.M))
+    for i in range(20):
+        client.post("/classify", params={"model": f"x{i}-{uuid.uuid4().hex}"}, files=multipart(fashion_pngs(1)),
+                    headers=AUTH)
+        client.get(f"/random/{uuid.uuid4().hex}", headers=AUTH)
+    grown = len(re.findall(r"^igcv2_requests_total\{", client.get("/metrics").text, re.M)) - series
+    assert grown <= 2, f"{grown} new series for 40 requests with 40 different names and paths"

@@ -1,0 +1,416 @@
+"""DynamicBatcher against a real (small, numpy) inference coroutine: dispatch policy, bounds, deadlines, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from service.batching import DynamicBatcher
+from service.errors import DeadlineExceeded, Unavailable
+
+_names = itertools.count()
+
+
+def image(ident: int) -> np.ndarray:
+    """An image whose pixels all hold ``ident``, so an output tells which image it came from."""
+    return np.full((4, 4, 1), ident, np.uint8)
+
+
+@dataclass
+class Model:
+    """A real inference function: numpy per-image statistics, with knobs to make it slow or fail.
+
+    ``gate``: when set, the first call waits for it (the worker is busy until the test opens it).
+    """
+
+    compute_s: float = 0.0
+    gate: asyncio.Event | None = None
+    poison: int | None = None
+    batches: list[list[int]] = field(default_factory=list)
+    dispatched_at: list[float] = field(default_factory=list)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, images: list[np.ndarray]) -> np.ndarray:
+        self.dispatched_at.append(time.monotonic())
+        ids = [int(img[0, 0, 0]) for img in images]
+        self.batches.append(ids)
+        self.started.set()
+        if self.gate is not None and len(self.batches) == 1:
+            await self.gate.wait()
+        if self.compute_s:
+            await asyncio.sleep(self.compute_s)
+        if self.poison is not None and self.poison in ids:
+            raise ValueError(f"cannot classify image {self.poison}")
+        stacked = np.stack(images).astype(np.float32)
+        return np.stack([stacked.mean(axis=(1, 2, 3)), stacked.std(axis=(1, 2, 3)) + 1], axis=1)
+
+    @property
+    def seen(self) -> set[int]:
+        return {i for batch in self.batches for i in batch}
+
+
+def make(model: Model, *, max_batch_size: int = 4, delay_s: float = 0.0, queue: int = 64,
+         instances: int = 1) -> tuple[DynamicBatcher, dict[str, str]]:
+    labels = {"model": f"batching-test-{next(_names)}", "version": "1"}
+    batcher = DynamicBatcher([model] * instances, max_batch_size=max_batch_size, max_queue_delay_s=delay_s,
+                             max_queue_size=queue, model=labels["model"], version=1)
+    batcher.start()
+    return batcher, labels
+
+
+def later(seconds: float = 30.0) -> float:
+    return time.monotonic() + seconds
+
+
+async def classify(batcher: DynamicBatcher, *ids: int, timeout: float = 30.0) -> list[int]:
+    """Submit images ``ids`` and return the id each output says it came from (checks routing)."""
+    outputs = await batcher.submit([image(i) for i in ids], later(timeout))
+    return [round(float(out[0])) for out in outputs]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.001)
+
+
+def metric(name: str, labels: dict[str, str], **extra: str) -> float:
+    return REGISTRY.get_sample_value(name, {**labels, **extra}) or 0.0
+
+
+def run(coroutine: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coroutine())
+
+
+# ----- dispatch policy -----
+
+def test_lone_request_on_an_idle_worker_is_dispatched_at_once() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher, _ = make(model)
+        waits = []
+        for i in range(5):
+            submitted = time.monotonic()
+            assert await classify(batcher, i) == [i]
+            waits.append(model.dispatched_at[-1] - submitted)
+        await batcher.close(5)
+        assert model.batches == [[0], [1], [2], [3], [4]]
+        assert min(waits) < 0.01 and max(waits) < 0.1, waits
+
+    run(main)
+
+
+def test_requests_gather_into_batches_while_the_worker_is_busy() -> None:
+    async def main() -> None:
+        model = Model(gate=asyncio.Event())
+        batcher, _ = make(model, max_batch_size=4)
+        first = asyncio.create_task(classify(batcher, 0))
+        await model.started.wait()
+        waiting = [asyncio.create_task(classify(batcher, i)) for i in range(1, 11)]
+        await until(lambda: batcher.depth == 10)
+        model.gate.set()  # type: ignore[union-attr]
+        assert await first == [0]
+        assert [await task for task in waiting] == [[i] for i in range(1, 11)]
+        await batcher.close(5)
+        assert model.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+
+    run(main)
+
+
+def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher, _ = make(model, max_batch_size=2)
+        assert await classify(batcher, 5, 6, 7, 8, 9) == [5, 6, 7, 8, 9]
+        await batcher.close(5)
+        assert all(len(b) <= 2 for b in model.batches) and sorted(model.seen) == [5, 6, 7, 8, 9]
+
+    run(main)
+
+
+def test_concurrent_requests_each_get_their_own_outputs() -> None:
+    async def main() -> None:
+        model = Model(compute_s=0.002)
+        batcher, _ = make(model, max_batch_size=8, queue=256, instances=2)
+        requests = [list(range(k * 3, k * 3 + 1 + k % 3)) for k in range(40)]
+        results = await asyncio.gather(*(classify(batcher, *ids) for ids in requests))
+        await batcher.close(5)
+        assert results == requests
+        assert max(len(b) for b in model.batches) > 1 and all(len(b) <= 8 for b in model.batches)
+
+    run(main)
+
+
+# ----- max_queue_delay, measured from the oldest queued image's arrival -----
+
+def test_queue_delay_holds_a_lone_request_for_the_delay_and_no_longer() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher, _ = make(model, delay_s=0.05)
+        waits = []
+        for i in range(3):
+            submitted = time.monotonic()
+            await classify(batcher, i)
+            waits.append(model.dispatched_at[-1] - submitted)
+        await batcher.close(5)
+        assert min(waits) >= 0.049, waits
+        assert min(waits) < 0.1, f"dispatched after {min(waits):.3f}s, more than twice the 50 ms delay"
+
+    run(main)
+
+
+def test_queue_delay_timer_starts_at_the_oldest_arrival_not_at_later_ones() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher, _ = make(model, max_batch_size=8, delay_s=0.1)
+        t0 = time.monotonic()
+        a = asyncio.create_task(classify(batcher, 1))
+        await asyncio.sleep(0.05)
+        b = asyncio.create_task(classify(batcher, 2))  # must not restart the clock
+        assert await a == [1] and await b == [2]
+        await batcher.close(5)
+        assert model.batches == [[1, 2]]
+        waited = model.dispatched_at[0] - t0
+        assert 0.099 <= waited < 0.14, f"dispatched {waited:.3f}s after the first arrival (delay 0.1s)"
+
+    run(main)
+
+
+def test_queue_delay_counts_time_spent_waiting_for_a_busy_worker() -> None:
+    """An image that already waited longer than the delay while the worker was busy leaves at once
+    when the worker frees up (TorchServe/LitServe would start the timer only then)."""
+    async def main() -> None:
+        model = Model(gate=asyncio.Event())
+        batcher, _ = make(model, max_batch_size=8, delay_s=0.08)
+        first = asyncio.create_task(classify(batcher, 0))
+        await model.started.wait()
+        queued_at = time.monotonic()
+        second = asyncio.create_task(classify(batcher, 1))
+        await asyncio.sleep(0.15)  # longer than the delay
+        released_at = time.monotonic()
+        model.gate.set()  # type: ignore[union-attr]
+        assert await first == [0] and await second == [1]
+        await batcher.close(5)
+        assert model.dispatched_at[1] - released_at < 0.04, "waited a second delay after the worker freed up"
+        assert model.dispatched_at[1] - queued_at < 0.08 + 0.15
+
+    run(main)
+
+
+def test_a_full_batch_does_not_wait_for_the_delay() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher, _ = make(model, max_batch_size=4, delay_s=5.0)
+        started = time.monotonic()
+        assert await classify(batcher, 1, 2, 3, 4) == [1, 2, 3, 4]
+        await batcher.close(5)
+        assert time.monotonic() - started < 1.0 and model.batches == [[1, 2, 3, 4]]
+
+    run(main)
+
+
+# ----- bounded queue -----
+
+def test_full_queue_refuses_at_once_with_retry_after() -> None:
+    async def main() -> None:
+        model = Model(gate=asyncio.Event())
+        batcher, labels = make(model, max_batch_size=8, queue=3)
+        first = asyncio.create_task(classify(batcher, 0))
+        await model.started.wait()
+        queued = [asyncio.create_task(classify(batcher, i)) for i in (1, 2)]
+        await until(lambda: batcher.depth == 2)
+        rejected_before = metric("igcv2_rejected_images_total", labels, reason="queue_full")
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
+            await asyncio.wait_for(classify(batcher, 3, 4), 1.0)  # 2 + 2 > 3: refused whole
+        assert time.monotonic() - started < 0.1, "a full queue must answer at once, not block"
+        assert info.value.status_code == 503 and info.value.headers["Retry-After"] == "1"
+        assert "queue full" in info.value.message
+        assert batcher.depth == 2, "a refused request must not be partly queued"
+        assert metric("igcv2_rejected_images_total", labels, reason="queue_full") == rejected_before + 2
+        last = asyncio.create_task(classify(batcher, 5))  # exactly fills the queue
+        await until(lambda: batcher.depth == 3)
+        with pytest.raises(Unavailable):
+            await classify(batcher, 6)
+        model.gate.set()  # type: ignore[union-attr]
+        assert [await t for t in [first, *queued, last]] == [[0], [1], [2], [5]]
+        assert await classify(batcher, 7) == [7], "serves again once the queue drained"
+        await batcher.close(5)
+        assert 3 not in model.seen and 4 not in model.seen and 6 not in model.seen
+
+    run(main)
+
+
+def test_request_larger_than_the_queue_is_refused() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher, _ = make(model, queue=4)
+        with pytest.raises(Unavailable):
+            await classify(batcher, *range(5))
+        assert await classify(batcher, *range(4)) == [0, 1, 2, 3]
+        await batcher.close(5)
+
+    run(main)
+
+
+# ----- deadlines -----
+
+def test_deadline_passing_in_the_queue_is_504_and_never_computed() -> None:
+    async def main() -> None:
+        model = Model(gate=asyncio.Event())
+        batcher, labels = make(model, max_batch_size=8, queue=2)
+        before = metric("igcv2_rejected_images_total", labels, reason="deadline")
+        first = asyncio.create_task(classify(batcher, 0))
+        await model.started.wait()
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as info:
+            await classify(batcher, 41, 42, timeout=0.05)
+        assert 0.045 <= time.monotonic() - started < 0.5
+        assert info.value.status_code == 504 and "2 of 2 images" in info.value.message
+        assert metric("igcv2_rejected_images_total", labels, reason="deadline") == before + 2
+        # The expired images were answered: they must not keep holding the bounded queue.
+        assert batcher.depth == 0
+        assert metric("igcv2_queue_depth", labels) == 0
+        queued = asyncio.create_task(classify(batcher, 1, 2))
+        await until(lambda: batcher.depth == 2)
+        model.gate.set()  # type: ignore[union-attr]
+        assert await first == [0] and await queued == [1, 2]
+        await batcher.close(5)
+        assert not {41, 42} & model.seen
+
+    run(main)
+
+
+def test_already_expired_request_is_never_computed() -> None:
+    async def main() -> None:
+        model = Model()
+        batcher, _ = make(model)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit([image(9)], time.monotonic() - 1)
+        assert await classify(batcher, 1) == [1]
+        await batcher.close(5)
+        assert model.batches == [[1]]
+
+    run(main)
+
+
+def test_only_the_expired_request_of_a_batch_is_dropped() -> None:
+    async def main() -> None:
+        model = Model(gate=asyncio.Event())
+        batcher, _ = make(model, max_batch_size=8)
+        first = asyncio.create_task(classify(batcher, 0))
+        await model.started.wait()
+        short = asyncio.create_task(classify(batcher, 50, timeout=0.03))
+        long = asyncio.create_task(classify(batcher, 60, timeout=30))
+        with pytest.raises(DeadlineExceeded):
+            await short
+        model.gate.set()  # type: ignore[union-attr]
+        assert await first == [0] and await long == [60]
+        await batcher.close(5)
+        assert model.batches == [[0], [60]]
+
+    run(main)
+
+
+# ----- failures and shutdown -----
+
+def test_inference_error_fails_only_its_batch() -> None:
+    async def main() -> None:
+        model = Model(gate=asyncio.Event(), poison=13)
+        batcher, _ = make(model, max_batch_size=8)
+        first = asyncio.create_task(classify(batcher, 0))
+        await model.started.wait()
+        poisoned = asyncio.create_task(classify(batcher, 13))
+        neighbour = asyncio.create_task(classify(batcher, 14))
+        await until(lambda: batcher.depth == 2)
+        model.gate.set()  # type: ignore[union-attr]
+        assert await first == [0]
+        for task in (poisoned, neighbour):  # same batch: both fail, with the model's own error
+            with pytest.raises(ValueError, match="cannot classify image 13"):
+                await task
+        assert await classify(batcher, 15) == [15], "the next batch must work"
+        await batcher.close(5)
+        assert model.batches == [[0], [13, 14], [15]]
+
+    run(main)
+
+
+def test_close_finishes_queued_work_then_stops() -> None:
+    async def main() -> None:
+        model = Model(gate=asyncio.Event())
+        batcher, labels = make(model, max_batch_size=2)
+        first = asyncio.create_task(classify(batcher, 0))
+        await model.started.wait()
+        queued = [asyncio.create_task(classify(batcher, i)) for i in (1, 2, 3)]
+        await until(lambda: batcher.depth == 3)
+        closing = asyncio.create_task(batcher.close(10))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable, match="shutting down"):
+            await classify(batcher, 99)
+        model.gate.set()  # type: ignore[union-attr]
+        await closing
+        assert await first == [0] and [await t for t in queued] == [[1], [2], [3]]
+        assert all(w.done() for w in batcher._workers)
+        assert batcher.depth == 0 and metric("igcv2_queue_depth", labels) == 0
+        assert 99 not in model.seen
+
+    run(main)
+
+
+def test_close_timeout_answers_every_waiting_request() -> None:
+    """A worker stuck past the shutdown timeout: queued and in-flight requests get 503, none hangs."""
+    async def main() -> None:
+        model = Model(gate=asyncio.Event())  # never opened
+        batcher, _ = make(model, max_batch_size=1)
+        in_flight = asyncio.create_task(classify(batcher, 0, timeout=30))
+        await model.started.wait()
+        queued = asyncio.create_task(classify(batcher, 1, timeout=30))
+        await until(lambda: batcher.depth == 1)
+        await batcher.close(0.05)
+        for task in (in_flight, queued):
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(task, 2.0)
+
+    run(main)
+
+
+# ----- metrics -----
+
+def test_metrics_follow_the_queue_and_the_batches() -> None:
+    async def main() -> None:
+        model = Model(gate=asyncio.Event())
+        batcher, labels = make(model, max_batch_size=4, queue=10)
+        assert metric("igcv2_queue_capacity", labels) == 10
+        assert metric("igcv2_queue_depth", labels) == 0
+        first = asyncio.create_task(classify(batcher, 0))
+        await model.started.wait()
+        assert metric("igcv2_queue_depth", labels) == 0
+        queued = asyncio.create_task(classify(batcher, 1, 2, 3))
+        await until(lambda: batcher.depth == 3)
+        assert metric("igcv2_queue_depth", labels) == 3
+        model.gate.set()  # type: ignore[union-attr]
+        await first
+        await queued
+        await batcher.close(5)
+        assert model.batches == [[0], [1, 2, 3]]
+        assert metric("igcv2_queue_depth", labels) == 0
+        assert metric("igcv2_batch_size_count", labels) == 2
+        assert metric("igcv2_batch_size_sum", labels) == 4
+        assert metric("igcv2_batch_size_bucket", labels, le="1.0") == 1
+        assert metric("igcv2_batch_size_bucket", labels, le="2.0") == 1
+        assert metric("igcv2_batch_size_bucket", labels, le="4.0") == 2
+        assert metric("igcv2_images_total", labels) == 4
+        assert metric("igcv2_queue_duration_seconds_count", labels) == 4
+        assert metric("igcv2_inference_duration_seconds_count", labels) == 2
+        assert metric("igcv2_inference_duration_seconds_sum", labels) > 0
+
+    run(main)

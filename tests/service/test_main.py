@@ -1,0 +1,79 @@
+"""python -m service: --help lists every setting; invalid settings exit 2 with a message naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.__main__ import main, settings_help
+from service.config import Settings, env_name
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_service(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IGCV2_")}
+    return subprocess.run([sys.executable, "-m", "service", *args], cwd=cwd, env={**clean, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_setting(tmp_path: Path) -> None:
+    result = run_service(["--help"], {}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name, field in Settings.model_fields.items():
+        assert env_name(name) in result.stdout, f"{env_name(name)} missing from --help"
+        assert field.description, f"setting {name} has no description for --help"
+    assert "[default: 32]" in result.stdout  # max batch size
+    assert "usage: python -m service" in result.stdout
+
+
+def test_help_text_has_one_line_per_setting() -> None:
+    lines = [line for line in settings_help().splitlines() if line.strip().startswith("IGCV2_")]
+    assert len(lines) == len(Settings.model_fields)
+
+
+def test_invalid_environment_exits_2(tmp_path: Path) -> None:
+    """The real entry point, before it loads any model or opens a port."""
+    result = run_service([], {"IGCV2_PORT": "not-a-port", "IGCV2_MODEL_STORE": str(tmp_path)}, tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "invalid settings" in result.stderr
+    assert "IGCV2_PORT" in result.stderr and "not-a-port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("IGCV2_MAX_BATCH_SIZE", "0"),
+    ("IGCV2_LOG_LEVEL", "loud"),
+    ("IGCV2_MODELS", "a:x"),
+    ("IGCV2_DEVICE", "gpu"),
+    ("IGCV2_COMPILE", "perhaps"),
+])
+def test_each_invalid_setting_is_named(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                       tmp_path: Path, name: str, value: str) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env of the developer's
+    monkeypatch.setenv(name, value)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("invalid settings")
+    assert name in err and value in err
+
+
+def test_several_invalid_settings_are_all_reported(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IGCV2_PORT", "0")
+    monkeypatch.setenv("IGCV2_PRECISION", "float64")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "IGCV2_PORT" in err and "IGCV2_PRECISION" in err
+
+
+def test_unknown_argument_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--port", "9000"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err

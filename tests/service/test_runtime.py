@@ -1,0 +1,209 @@
+"""ModelRunner: buckets, padding, eager vs compiled, its own inference thread, and the eager fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from igcv2.artifact import Artifact
+from igcv2.networks import Normalized
+from service.runtime import ModelRunner, RuntimeOptions, buckets_for, resolve_device
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+MakeArtifact = Callable[..., Artifact]
+
+
+def images(n: int, shape: tuple[int, int, int] = (12, 12, 1), seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+def eager_logits(artifact: Artifact, batch: list[np.ndarray]) -> np.ndarray:
+    """The reference: the artifact's network on exactly these images, unpadded, in float32."""
+    spec = artifact.config.input
+    with torch.inference_mode():
+        return Normalized(artifact.model, spec.mean, spec.std).eval()(torch.from_numpy(np.stack(batch))).numpy()
+
+
+def warmed(artifact: Artifact, **options: Any) -> ModelRunner:
+    runner = ModelRunner(artifact, RuntimeOptions(device=CPU, **options), name="test")
+    runner.executor.submit(runner.warmup).result()
+    return runner
+
+
+@pytest.mark.parametrize(("max_batch_size", "expected"), [
+    (1, [1]), (2, [1, 2]), (4, [1, 2, 4]), (6, [1, 2, 4, 6]), (32, [1, 2, 4, 8, 16, 32]),
+    (33, [1, 2, 4, 8, 16, 32, 33]), (100, [1, 2, 4, 8, 16, 32, 64, 100]),
+])
+def test_buckets(max_batch_size: int, expected: list[int]) -> None:
+    assert buckets_for(max_batch_size) == expected
+
+
+def test_options() -> None:
+    cpu = RuntimeOptions(device=CPU)
+    assert cpu.dtype == torch.float32 and cpu.mode == "default"
+    cuda = RuntimeOptions(device=torch.device("cuda"))
+    assert cuda.dtype == torch.float16 and cuda.mode == "max-autotune"
+    assert RuntimeOptions(device=CPU, precision="bfloat16", compile_mode="reduce-overhead").dtype == torch.bfloat16
+    assert RuntimeOptions(device=CPU, compile_mode="reduce-overhead").mode == "reduce-overhead"
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+@pytest.fixture(scope="module")
+def eager_runner(make_tiny_artifact: MakeArtifact) -> Iterator[tuple[Artifact, ModelRunner]]:
+    artifact = make_tiny_artifact(seed=1)
+    runner = warmed(artifact, compile=False, max_batch_size=6)
+    yield artifact, runner
+    runner.close()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
+def test_padded_prediction_equals_unpadded_forward(eager_runner: tuple[Artifact, ModelRunner], n: int) -> None:
+    artifact, runner = eager_runner
+    assert runner.bucket(n) == next(b for b in [1, 2, 4, 6] if b >= n)
+    batch = images(n, seed=n)
+    out = runner.executor.submit(runner.predict, batch).result()
+    assert out.shape == (n, 10) and out.dtype == np.float32
+    np.testing.assert_allclose(out, eager_logits(artifact, batch), rtol=0, atol=1e-5)
+
+
+def test_padding_rows_do_not_leak_into_results(eager_runner: tuple[Artifact, ModelRunner]) -> None:
+    """A smaller batch after a larger one reuses the buffer whose tail still holds old images."""
+    artifact, runner = eager_runner
+    big, small = images(6, seed=10), images(5, seed=11)
+    runner.executor.submit(runner.predict, big).result()
+    out = runner.executor.submit(runner.predict, small).result()
+    np.testing.assert_allclose(out, eager_logits(artifact, small), rtol=0, atol=1e-5)
+
+
+def test_outputs_are_not_views_of_reused_buffers(eager_runner: tuple[Artifact, ModelRunner]) -> None:
+    _, runner = eager_runner
+    first = runner.executor.submit(runner.predict, images(2, seed=20)).result()
+    kept = first.copy()
+    runner.executor.submit(runner.predict, images(2, seed=21)).result()
+    np.testing.assert_array_equal(first, kept)
+
+
+@pytest.mark.parametrize("n", [0, 7])
+def test_batch_outside_buckets_is_refused(eager_runner: tuple[Artifact, ModelRunner], n: int) -> None:
+    _, runner = eager_runner
+    with pytest.raises(ValueError, match=r"allowed 1\.\.6"):
+        runner.predict(images(n))
+
+
+def test_infer_runs_on_the_instance_thread(eager_runner: tuple[Artifact, ModelRunner]) -> None:
+    artifact, runner = eager_runner
+    seen: list[str] = []
+    forward = runner.forward
+
+    def recording(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(threading.current_thread().name)
+        return forward(batch)
+
+    async def main() -> tuple[np.ndarray, str]:
+        loop_thread = threading.current_thread().name
+        return await runner.infer(images(3, seed=30)), loop_thread
+
+    runner.forward = recording  # type: ignore[assignment]
+    try:
+        out, loop_thread = asyncio.run(main())
+        asyncio.run(main())
+    finally:
+        runner.forward = forward
+    np.testing.assert_allclose(out, eager_logits(artifact, images(3, seed=30)), rtol=0, atol=1e-5)
+    assert len(seen) == 2 and len(set(seen)) == 1, "every call must run on the same single thread"
+    assert seen[0].startswith("infer-test") and seen[0] != loop_thread
+
+
+def test_three_channel_model(make_tiny_artifact: MakeArtifact) -> None:
+    artifact = make_tiny_artifact(seed=2, channels=3, height=10, width=14, mean=[0.5, 0.4, 0.3], std=[0.2, 0.3, 0.4])
+    runner = warmed(artifact, compile=False, max_batch_size=2)
+    try:
+        batch = images(2, shape=(10, 14, 3), seed=3)
+        np.testing.assert_allclose(runner.executor.submit(runner.predict, batch).result(),
+                                   eager_logits(artifact, batch), rtol=0, atol=1e-5)
+    finally:
+        runner.close()
+
+
+@pytest.mark.timeout(240)
+def test_compiled_agrees_with_eager(make_tiny_artifact: MakeArtifact) -> None:
+    artifact = make_tiny_artifact(seed=4)
+    runner = warmed(artifact, compile=True, max_batch_size=2)
+    try:
+        assert runner.compiled is True
+        assert runner.forward is not runner.module
+        for n in (1, 2):
+            batch = images(n, seed=40 + n)
+            out = runner.executor.submit(runner.predict, batch).result()
+            np.testing.assert_allclose(out, eager_logits(artifact, batch), rtol=1e-4, atol=1e-5)
+    finally:
+        runner.close()
+
+
+def raising_compile(*args: Any, **kwargs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A torch.compile whose graph fails on its first call, as an inductor error would."""
+    def compiled(batch: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("inductor exploded")
+
+    return compiled
+
+
+@pytest.mark.parametrize("failure", ["invalid mode", "first call fails"])
+def test_compile_failure_falls_back_to_eager_loudly(
+    make_tiny_artifact: MakeArtifact, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    artifact = make_tiny_artifact(seed=5)
+    options: dict[str, Any] = {"compile": True, "max_batch_size": 2}
+    if failure == "invalid mode":
+        options["compile_mode"] = "no-such-mode"  # torch.compile itself raises
+    else:
+        monkeypatch.setattr(torch, "compile", raising_compile)
+    with caplog.at_level(logging.ERROR, logger="igcv2.runtime"):
+        runner = warmed(artifact, **options)
+    try:
+        assert runner.compiled is False
+        assert runner.forward is runner.module
+        errors = [r for r in caplog.records if r.name == "igcv2.runtime" and r.levelno == logging.ERROR]
+        assert errors and "FALLING BACK TO EAGER" in errors[0].getMessage()
+        assert errors[0].exc_info is not None  # the cause is in the log, not swallowed
+        batch = images(2, seed=50)
+        np.testing.assert_allclose(runner.executor.submit(runner.predict, batch).result(),
+                                   eager_logits(artifact, batch), rtol=0, atol=1e-5)
+    finally:
+        runner.close()
+
+
+def test_warmup_runs_every_bucket(make_tiny_artifact: MakeArtifact) -> None:
+    artifact = make_tiny_artifact(seed=6)
+    runner = ModelRunner(artifact, RuntimeOptions(device=CPU, compile=False, max_batch_size=5), name="w")
+    sizes: list[int] = []
+    forward = runner.forward
+
+    def recording(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(batch.shape[0])
+        return forward(batch)
+
+    runner.forward = recording  # type: ignore[assignment]
+    try:
+        seconds = runner.executor.submit(runner.warmup).result()
+    finally:
+        runner.close()
+    assert seconds > 0
+    assert sorted(set(sizes)) == [1, 2, 4, 5] and all(sizes.count(b) >= 3 for b in (1, 2, 4, 5))

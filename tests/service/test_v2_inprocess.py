@@ -1,0 +1,127 @@
+"""What /v2 added below the routes, in-process: the runner's FP32 (already normalised) entry
+point, batches that never mix input kinds, Triton-style statistics, and the admin key."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.batching import DynamicBatcher
+from service.config import Settings
+from service.errors import DeadlineExceeded, Unavailable
+from service.runtime import ModelRunner, RuntimeOptions
+
+
+def normalise(images: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """What a client sends as ``normalized``: (x / 255 - mean) / std, NCHW float32."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def test_normalized_entry_point_equals_the_uint8_path(make_tiny_artifact: Any) -> None:
+    artifact = make_tiny_artifact()
+    spec = artifact.config.input
+    runner = ModelRunner(artifact, RuntimeOptions(device=torch.device("cpu"), compile=False, max_batch_size=4))
+    try:
+        images = np.random.default_rng(0).integers(0, 256, (3, spec.height, spec.width, spec.channels), np.uint8)
+        tensors = normalise(images, spec.mean, spec.std)
+        from_uint8 = runner.executor.submit(runner.predict, list(images)).result()
+        from_float = runner.executor.submit(runner.predict_normalized, list(tensors)).result()
+        np.testing.assert_allclose(from_float, from_uint8, rtol=1e-5, atol=1e-5)
+
+        async def both() -> tuple[np.ndarray, np.ndarray]:  # infer() picks the entry point by dtype
+            return await runner.infer(list(images)), await runner.infer(list(tensors))
+
+        a, b = asyncio.run(both())
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"allowed 1\.\.4"):
+            runner.predict_normalized(list(np.repeat(tensors, 2, axis=0)))
+    finally:
+        runner.close()
+
+
+def test_batches_hold_one_input_kind_and_statistics_count_them() -> None:
+    seen: list[list[np.dtype]] = []
+
+    async def infer(items: list[np.ndarray]) -> np.ndarray:
+        seen.append([x.dtype for x in items])
+        await asyncio.sleep(0.01)
+        return np.stack([np.full(3, float(x.ravel()[0])) for x in items])
+
+    async def scenario() -> DynamicBatcher:
+        batcher = DynamicBatcher([infer], max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=16,
+                                 model="kinds", version=1)
+        batcher.start()
+        deadline = time.monotonic() + 10
+        requests = [
+            [np.full((2, 2, 1), 1, np.uint8)] * 2,
+            [np.full((1, 2, 2), 2.5, np.float32)],
+            [np.full((2, 2, 1), 3, np.uint8)] * 3,
+            [np.full((1, 2, 2), 4.5, np.float32)] * 2,
+        ]
+        results = await asyncio.gather(*(batcher.submit(r, deadline) for r in requests))
+        for request, outputs in zip(requests, results, strict=True):
+            assert [o[0] for o in outputs] == [float(x.ravel()[0]) for x in request]  # each got its own answer
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit([np.zeros((2, 2, 1), np.uint8)], time.monotonic() - 1)
+        with pytest.raises(Unavailable, match="queue full"):
+            await batcher.submit([np.zeros((2, 2, 1), np.uint8)] * 17, deadline)
+        await batcher.close(5)
+        return batcher
+
+    batcher = asyncio.run(scenario())
+    assert all(len(set(kinds)) == 1 for kinds in seen), seen
+    # FIFO: a batch ends where the kind changes (nothing is overtaken), so here none mixes and none merges
+    assert [len(k) for k in seen] == [2, 1, 3, 2]
+    stats = batcher.stats.triton("kinds", 1)
+    inference = stats["inference_stats"]
+    assert stats["version"] == "1" and stats["inference_count"] == 8 and stats["execution_count"] == 4
+    assert inference["success"]["count"] == 4 and inference["fail"]["count"] == 2
+    assert inference["queue"]["count"] == 4 and inference["compute_infer"]["count"] == 4
+    assert inference["compute_infer"]["ns"] >= 4 * 10_000_000  # each request waited for its 10 ms batch
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(1, 1), (2, 2), (3, 1)]
+    assert stats["last_inference"] > 0
+
+
+@pytest.fixture
+def keyed_client(tmp_path: Path) -> TestClient:
+    """The app with both keys and an empty store, without its lifespan (no model is needed to
+    see which key opens which door)."""
+    settings = Settings(model_store=tmp_path / "empty", api_key="user-key", admin_key="admin-key", compile=False)
+    return TestClient(create_app(settings))
+
+
+def test_admin_key_guards_the_repository_and_passes_the_api_key_check(keyed_client: TestClient) -> None:
+    def post(path: str, key: str | None) -> int:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return keyed_client.post(path, headers=headers).status_code
+
+    load = "/v2/repository/models/absent/load"
+    assert keyed_client.get("/v2/health/live").status_code == 200  # open path
+    assert keyed_client.get("/v2").status_code == 401
+    assert keyed_client.get("/v2", headers={"Authorization": "Bearer admin-key"}).status_code == 200
+    assert post(load, None) == 401  # the API key check comes first
+    assert post(load, "user-key") == 403  # a user key is not the admin key
+    assert post(load, "admin-key") == 404  # both checks passed; the store has no such model
+    assert post("/v2/repository/models/absent/unload", "admin-key") == 404
+    assert post("/v2/repository/index", "user-key") == 200
+
+
+def test_admin_key_alone(tmp_path: Path) -> None:
+    client = TestClient(create_app(Settings(model_store=tmp_path, admin_key="admin-key", compile=False)))
+    load = "/v2/repository/models/absent/load"
+    missing = client.post(load)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert "admin key" in missing.json()["error"]
+    assert client.post(load, headers={"Authorization": "Basic YWRtaW4="}).status_code == 401
+    assert client.post(load, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert client.post(load, headers={"Authorization": "Bearer admin-key"}).status_code == 404
