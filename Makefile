@@ -33,6 +33,9 @@ test: venv system-packages
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
+bench: venv system-packages
+	$(PY) -m benchmarks.run --mode all
+
 summary: venv
 	$(PY) -m igcv2.summary
 
