@@ -69,16 +69,20 @@ class DynamicBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
-        """Queue ``images`` and wait for their outputs (one array per image), or raise 503/504."""
+    def check_room(self, n: int) -> None:
+        """503 at once unless ``n`` more images fit in the queue. The engine asks before decoding,
+        so an overloaded server sheds a request before spending CPU on it."""
         if self._closed:
             raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
-        if len(self._queue) + len(images) > self.max_queue_size:
-            metrics.REJECTED.labels(**self._labels, reason="queue_full").inc(len(images))
+        if len(self._queue) + n > self.max_queue_size:
+            metrics.REJECTED.labels(**self._labels, reason="queue_full").inc(n)
             self.stats.record_failure(0.0)
-            raise Unavailable(
-                f"queue full ({len(self._queue)} of {self.max_queue_size} images waiting); retry later", 1
-            )
+            waiting = f"{len(self._queue)} of {self.max_queue_size} images waiting"
+            raise Unavailable(f"queue full ({waiting}); retry later", 1)
+
+    async def submit(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+        """Queue ``images`` and wait for their outputs (one array per image), or raise 503/504."""
+        self.check_room(len(images))
         items = [_Item(image, deadline) for image in images]
         async with self._changed:
             self._queue.extend(items)

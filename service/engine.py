@@ -44,10 +44,6 @@ class Engine:
         self.decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self._repository_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    def deadline(self, timeout_s: float | None) -> float:
-        """Monotonic deadline from the request's own timeout (X-Request-Timeout) or the default."""
-        return time.monotonic() + (timeout_s if timeout_s is not None else self.settings.request_timeout_s)
-
     def check_count(self, n: int) -> None:
         if n == 0:
             raise BadInput("no image in the request: send multipart 'file' parts or a raw image/* body")
@@ -72,12 +68,13 @@ class Engine:
     async def classify(
         self, uploads: list[Upload], model: str | None, version: int | None, top_k: int, timeout_s: float | None
     ) -> dict[str, Any]:
-        deadline = self.deadline(timeout_s)
+        arrival = time.monotonic()
         served = self.registry.resolve(model or self.settings.default_model, version)
         self.check_count(len(uploads))
         labels = served.ready_config.labels
         if top_k > len(labels):
             raise InvalidParameter(f"top_k={top_k} exceeds the {len(labels)} classes of {served.name}")
+        deadline = served.admit(len(uploads), timeout_s, arrival)
         images = await self.decode(served, uploads)
         logits = await served.infer(images, deadline)
         results = []
@@ -97,13 +94,14 @@ class Engine:
     ) -> oip.InferResponse:
         """An inference request of the Open Inference Protocol: its images go through the same
         decode pool and dynamic batcher as /classify's (the two routes share batches)."""
+        arrival = time.monotonic()
         timeouts = [t for t in (request.timeout_s, timeout_s) if t is not None]
-        deadline = self.deadline(min(timeouts) if timeouts else None)
         served = self.registry.resolve(model, version)
         config = served.ready_config
         tensor = oip.model_input(request, config.input)
         requested = oip.resolve_outputs(request)
         self.check_count(oip.batch_size(tensor))
+        deadline = served.admit(oip.batch_size(tensor), min(timeouts) if timeouts else None, arrival)
         if tensor.name == oip.ENCODED:
             files = oip.encoded_images(tensor)
             images = await self.decode(served, [Upload(f"{oip.ENCODED}[{i}]", None, f) for i, f in enumerate(files)])
@@ -144,6 +142,8 @@ class Engine:
         """Load a model's newest version without a restart. Compilation and warm-up block, so they
         run in a thread while every other model keeps serving; loads of one name run one at a time."""
         validate_name(name)
+        if not versions(self.registry.store / name):  # before taking a lock: one lock per stored model at most
+            raise NotFound(f"model {name!r} not found in the model store")
         async with self._repository_locks[name]:
             try:
                 return await asyncio.to_thread(self.registry.load, name)
@@ -154,11 +154,11 @@ class Engine:
         """Stop serving every version of a model once its queued requests are answered; other
         models and their queues are untouched. Unloading a model that is not loaded is a no-op."""
         validate_name(name)
+        if name not in self.registry.names() and not versions(self.registry.store / name):
+            raise NotFound(f"unknown model {name!r}: not loaded and not in the model store")
         async with self._repository_locks[name]:
-            if any(m.name == name for m in self.registry.all()):
+            if name in self.registry.names():
                 await self.registry.unload(name)
-            elif not versions(self.registry.store / name):
-                raise NotFound(f"unknown model {name!r}: not loaded and not in the model store")
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -55,7 +55,7 @@ def decode_image(data: bytes, spec: InputSpec, max_pixels: int, name: str = "ima
     except TooLarge:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TooLarge(f"{name}: {exc}") from exc
+        raise TooLarge(f"{name}: over the limit of {max_pixels} pixels: {exc}") from exc  # name OUR limit
     except UnidentifiedImageError as exc:
         raise BadInput(f"{name}: not a decodable image (supported: {', '.join(FORMATS)})") from exc
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, IndexError, TypeError) as exc:

@@ -65,6 +65,14 @@ class ServedModel:
         reason = f": {self.reason}" if self.reason else ""
         return f"model {self.name} version {self.version} is not ready ({self.state}{reason})"
 
+    def admit(self, n: int, timeout_s: float | None, arrival: float) -> float:
+        """Admission before any decoding: 503 unless ready with room for ``n`` images. Returns the
+        request's deadline: its own timeout, else this model's ``request_timeout_s``, from arrival."""
+        if self.state is not State.READY or self.batcher is None:
+            raise Unavailable(self.not_ready_message(), 5)
+        self.batcher.check_room(n)
+        return arrival + (timeout_s if timeout_s is not None else self.batching["request_timeout_s"])
+
     async def infer(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
         """Logits for each image, through the shared dynamic batcher."""
         if self.state is not State.READY or self.batcher is None:

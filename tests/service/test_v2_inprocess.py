@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.batching import DynamicBatcher
@@ -92,36 +92,40 @@ def test_batches_hold_one_input_kind_and_statistics_count_them() -> None:
     assert stats["last_inference"] > 0
 
 
-@pytest.fixture
-def keyed_client(tmp_path: Path) -> TestClient:
-    """The app with both keys and an empty store, without its lifespan (no model is needed to
-    see which key opens which door)."""
-    settings = Settings(model_store=tmp_path / "empty", api_key="user-key", admin_key="admin-key", compile=False)
-    return TestClient(create_app(settings))
+def call(settings: Settings, requests: list[tuple[str, str, str | None]]) -> list[httpx.Response]:
+    """Send ``(method, path, bearer token)`` requests to the app in-process, without its lifespan:
+    no model is needed to see which key opens which door (the store is empty)."""
+
+    async def send() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [await client.request(method, path, headers={"Authorization": f"Bearer {key}"} if key else {})
+                    for method, path, key in requests]
+
+    return asyncio.run(send())
 
 
-def test_admin_key_guards_the_repository_and_passes_the_api_key_check(keyed_client: TestClient) -> None:
-    def post(path: str, key: str | None) -> int:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return keyed_client.post(path, headers=headers).status_code
-
-    load = "/v2/repository/models/absent/load"
-    assert keyed_client.get("/v2/health/live").status_code == 200  # open path
-    assert keyed_client.get("/v2").status_code == 401
-    assert keyed_client.get("/v2", headers={"Authorization": "Bearer admin-key"}).status_code == 200
-    assert post(load, None) == 401  # the API key check comes first
-    assert post(load, "user-key") == 403  # a user key is not the admin key
-    assert post(load, "admin-key") == 404  # both checks passed; the store has no such model
-    assert post("/v2/repository/models/absent/unload", "admin-key") == 404
-    assert post("/v2/repository/index", "user-key") == 200
+def test_admin_key_guards_the_repository_and_passes_the_api_key_check(tmp_path: Path) -> None:
+    settings = Settings(model_store=tmp_path, api_key="user-key", admin_key="admin-key", compile=False)
+    load, unload = "/v2/repository/models/absent/load", "/v2/repository/models/absent/unload"
+    requests = [
+        ("GET", "/v2/health/live", None),  # open path
+        ("GET", "/v2", None),
+        ("GET", "/v2", "admin-key"),  # the admin key passes the API key check too
+        ("POST", load, None),  # the API key check comes first
+        ("POST", load, "user-key"),  # a user key is not the admin key
+        ("POST", load, "admin-key"),  # both checks passed; the store has no such model
+        ("POST", unload, "admin-key"),
+        ("POST", "/v2/repository/index", "user-key"),
+    ]
+    codes = [r.status_code for r in call(settings, requests)]
+    assert codes == [200, 401, 200, 401, 403, 404, 404, 200]
 
 
 def test_admin_key_alone(tmp_path: Path) -> None:
-    client = TestClient(create_app(Settings(model_store=tmp_path, admin_key="admin-key", compile=False)))
+    settings = Settings(model_store=tmp_path, admin_key="admin-key", compile=False)
     load = "/v2/repository/models/absent/load"
-    missing = client.post(load)
+    missing, wrong, right = call(settings, [("POST", load, None), ("POST", load, "wrong"), ("POST", load, "admin-key")])
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
     assert "admin key" in missing.json()["error"]
-    assert client.post(load, headers={"Authorization": "Basic YWRtaW4="}).status_code == 401
-    assert client.post(load, headers={"Authorization": "Bearer wrong"}).status_code == 403
-    assert client.post(load, headers={"Authorization": "Bearer admin-key"}).status_code == 404
+    assert wrong.status_code == 403 and right.status_code == 404
