@@ -9,7 +9,6 @@ dcgm-exporter series (never run here) need only parse anywhere.
 
 from __future__ import annotations
 
-import io
 import math
 import shutil
 import subprocess
@@ -37,13 +36,13 @@ from e2e.monitoring import (
     inner_expression,
     substitute,
 )
-from live_server import MODEL_STORE, LiveServer, free_port, live_server
+from live_server import LiveServer, free_port, live_server
 from prometheus_client.parser import text_string_to_metric_families
+from samples import default_model_store, fashion_pngs
 
 PROMETHEUS = shutil.which("prometheus")
 RATE_RANGE = "15s"  # substituted for $__rate_interval: 15 scrapes at the 1 s interval used here
 MAX_IMAGES = 4  # IGCV2_MAX_IMAGES_PER_REQUEST, so that 5 images answer 413
-MODEL = "igcv2-fashion"
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,44 +52,6 @@ pytestmark = [
 
 
 # ---------------------------------------------------------------- fixtures: model, images, processes
-
-
-def model_store(tmp_path: Path) -> Path:
-    """The bundled store when it holds the default model; else an untrained one of the same shape
-    (metrics do not care about accuracy, and this keeps the test independent of a training run)."""
-    from igcv2.artifact import save_artifact, versions
-
-    if versions(MODEL_STORE / MODEL):
-        return MODEL_STORE
-    from igcv2.data import FASHION_MNIST_LABELS
-    from igcv2.networks import build
-
-    store = tmp_path / "model_store"
-    save_artifact(
-        build("igcv2_fashion"),
-        store / MODEL,
-        name=MODEL,
-        architecture={"builder": "igcv2_fashion", "kwargs": {}},
-        labels=FASHION_MNIST_LABELS,
-        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]},
-        untrained=True,
-    )
-    return store
-
-
-def png_images(n: int) -> list[bytes]:
-    """The first ``n`` Fashion-MNIST test images, encoded as PNG."""
-    from PIL import Image
-
-    from igcv2.data import load_dataset
-
-    dataset = load_dataset("fashion-mnist", "test").subset(n)
-    encoded = []
-    for image in dataset.images:
-        buffer = io.BytesIO()
-        Image.fromarray(image[..., 0], mode="L").save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    return encoded
 
 
 def cuda_available() -> bool:
@@ -299,10 +260,10 @@ def check_alert(prom: httpx.Client, query: Query) -> str | None:
 
 
 def test_dashboard_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
-    images = png_images(8)
+    images = fashion_pngs(8)
     unknown_model = f"no-such-model-{uuid.uuid4().hex[:8]}"
     env = {
-        "IGCV2_MODEL_STORE": str(model_store(tmp_path)),
+        "IGCV2_MODEL_STORE": str(default_model_store(tmp_path)),
         "IGCV2_COMPILE": "false",  # quick start; compilation is not what is observed here
         "IGCV2_MAX_IMAGES_PER_REQUEST": str(MAX_IMAGES),
         "IGCV2_MAX_BATCH_SIZE": "8",
