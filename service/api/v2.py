@@ -49,6 +49,13 @@ INFER_BODY = {  # documents the JSON form in /docs; the handler reads the raw bo
 }
 
 
+def path_parameters(*names: str) -> dict[str, Any]:
+    """``openapi_extra`` declaring the path parameters a handler reads from ``request.path_params``
+    (one handler serves several route shapes), so /openapi.json describes every {parameter} of every path."""
+    return {"parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                           for name in names]}
+
+
 def version_number(request: Request, name: str) -> int | None:
     """The ``/versions/{version}`` path segment, if the route has one; anything but a positive
     integer names no version (404). Read from the path, so it is never a query parameter."""
@@ -142,8 +149,8 @@ async def server_ready(request: Request) -> dict:
 
 
 @router.get("/v2/models/stats")
-@router.get("/v2/models/{name}/stats")
-@router.get("/v2/models/{name}/versions/{version}/stats")
+@router.get("/v2/models/{name}/stats", openapi_extra=path_parameters("name"))
+@router.get("/v2/models/{name}/versions/{version}/stats", openapi_extra=path_parameters("name", "version"))
 async def model_statistics(request: Request) -> dict:
     """Triton's statistics extension: request counts, queue and compute time (ns) per version."""
     engine, name = engine_of(request), request.path_params.get("name")
@@ -153,7 +160,7 @@ async def model_statistics(request: Request) -> dict:
 
 
 @router.get("/v2/models/{name}")
-@router.get("/v2/models/{name}/versions/{version}")
+@router.get("/v2/models/{name}/versions/{version}", openapi_extra=path_parameters("version"))
 async def model_metadata(request: Request, name: str) -> dict:
     engine, version = engine_of(request), version_number(request, name)
     served = engine.registry.resolve(name, version)
@@ -163,7 +170,7 @@ async def model_metadata(request: Request, name: str) -> dict:
 
 
 @router.get("/v2/models/{name}/ready")
-@router.get("/v2/models/{name}/versions/{version}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready", openapi_extra=path_parameters("version"))
 async def model_ready(request: Request, name: str) -> dict:
     """200 when the version (default: the newest ready one) can serve; 404 unknown, 503 not ready."""
     served = engine_of(request).registry.resolve(name, version_number(request, name))
@@ -173,7 +180,7 @@ async def model_ready(request: Request, name: str) -> dict:
 
 
 @router.get("/v2/models/{name}/config")
-@router.get("/v2/models/{name}/versions/{version}/config")
+@router.get("/v2/models/{name}/versions/{version}/config", openapi_extra=path_parameters("version"))
 async def model_config(request: Request, name: str) -> dict:
     """Triton's model configuration extension (max_batch_size, inputs, outputs, dynamic_batching)."""
     served = engine_of(request).registry.resolve(name, version_number(request, name))
@@ -181,7 +188,7 @@ async def model_config(request: Request, name: str) -> dict:
 
 
 @router.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY)
-@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY)
+@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY | path_parameters("version"))
 async def infer(
     request: Request,
     name: str,
