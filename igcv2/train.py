@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from igcv2.artifact import save_artifact
+from igcv2.artifact import load_artifact, save_artifact
 from igcv2.data import DATASETS, ArrayDataset, load_dataset
 from igcv2.evaluate import top1
 from igcv2.networks import BUILDERS, Normalized, build
@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test examples only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:n]")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="fine-tune: start from this artifact's architecture, weights and normalisation")
     return p.parse_args(argv)
 
 
@@ -117,10 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_limit:
         test = test.subset(args.eval_limit)
     _, h, w, c = train.images.shape
-    mean, std = channel_stats(train)
-    builder = args.builder or DEFAULT_BUILDER[args.dataset]
-    kwargs = {"num_classes": len(train.classes), "in_channels": c, **args.builder_kwargs}
-    network = build(builder, **kwargs)
+    base = load_artifact(args.init_from) if args.init_from else None
+    if base is not None:
+        builder, kwargs = base.config.architecture.builder, base.config.architecture.kwargs
+        mean, std = base.config.input.mean, base.config.input.std
+        network = base.model.train()
+    else:
+        mean, std = channel_stats(train)
+        builder = args.builder or DEFAULT_BUILDER[args.dataset]
+        kwargs = {"num_classes": len(train.classes), "in_channels": c, **args.builder_kwargs}
+        network = build(builder, **kwargs)
     model = Normalized(network, mean, std).to(device)
 
     decay, no_decay = [], []
@@ -211,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             "label_smoothing": args.label_smoothing, "seed": args.seed, "train_examples": len(train),
             "device": str(device), "torch": torch.__version__, "wall_time_s": round(wall, 1),
             "history": history,
+            **({"init_from": str(args.init_from), "base_training": base.config.training} if base else {}),
         },
     )
     checkpoint_path.unlink(missing_ok=True)

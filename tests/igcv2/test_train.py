@@ -132,3 +132,18 @@ def test_one_cycle_schedule_warms_up_then_decays() -> None:
     assert all(a <= b for a, b in pairwise(lrs[: top + 1]))
     assert all(a >= b for a, b in pairwise(lrs[top:]))
     assert lrs[-1] < peak / 100
+
+
+def test_fine_tune_starts_from_an_artifact_and_records_its_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    assert main(args(out, *TINY, limit=128)) == 0
+    base = load_artifact(out / "1")
+    assert main(args(out, "--init-from", str(out / "1"), "--lr", "0.001", limit=128)) == 0
+    config = read_config(out / "2")
+    assert config["architecture"] == base.config.architecture.model_dump()
+    assert config["input"]["mean"] == base.config.input.mean
+    assert config["training"]["init_from"] == str(out / "1")
+    assert config["training"]["base_training"]["command"] == base.config.training["command"]
+    tuned = load_artifact(out / "2").model.state_dict()
+    moved = [k for k, v in base.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, tuned[k])]
+    assert moved, "fine-tuning did not change any weight"
