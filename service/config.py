@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     compile_mode: str = Field(
         "auto", description="torch.compile mode; auto: 'max-autotune' on CUDA, 'default' on CPU.")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU).")
-    cpu_threads: int = Field(0, ge=0, description="Intra-op threads for CPU inference (0: one per core).")
+    cpu_threads: int = Field(0, ge=0, description="Intra-op threads for CPU inference (0: one per core but one).")
     instances: int = Field(1, ge=1, le=16, description="Model instances (inference threads) per model version.")
 
     # Batching

@@ -167,5 +167,10 @@ class ModelRunner:
 
 
 def configure_cpu_threads(threads: int) -> None:
-    """Intra-op threads for CPU inference: ``threads`` or one per core."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    """Intra-op threads for CPU inference: ``threads``, or one per core but one.
+
+    The HTTP loop, decoding and the inference thread share one GIL; leaving them a core beats a
+    second OpenMP thread that spins between batches (benchmarks/RESULTS.md: +18% saturation
+    throughput and a 5x lower p99 at concurrency 32 on 2 cores, same single-image latency).
+    """
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) - 1))
