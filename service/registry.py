@@ -266,7 +266,6 @@ class ModelRegistry:
         for runner in served.runners:
             await asyncio.to_thread(runner.close)
         metrics.MODEL_READY.labels(**served.labels).set(0)
-        metrics.QUEUE_DEPTH.labels(**served.labels).set(0)
 
     async def close(self) -> None:
         """Graceful shutdown: every batcher finishes its queue, then inference threads stop."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from live_server import LiveServer, live_server
+from prometheus_client.parser import text_string_to_metric_families
 from samples import DEFAULT_MODEL, default_model_store, encode, fashion_pngs, fashion_test_images, multipart
 
 from igcv2.artifact import load_artifact, versions
@@ -44,13 +45,12 @@ def classify_all(server: LiveServer, pngs: list[bytes], per_request: int, concur
 def batch_histogram(server: LiveServer) -> dict[str, float]:
     """igcv2_batch_size bucket counts of the default model, as the server reports them."""
     text = httpx.get(server.url + "/metrics").text
-    pattern = re.compile(r'^igcv2_batch_size_bucket\{le="([^"]+)",model="igcv2-fashion",version="\d+"\} (\S+)$', re.M)
-    found = {le: float(v) for le, v in pattern.findall(text)}
-    if not found:  # label order is not part of the format: accept either order
-        pattern = re.compile(r'^igcv2_batch_size_bucket\{model="igcv2-fashion",version="\d+",le="([^"]+)"\} (\S+)$',
-                             re.M)
-        found = {le: float(v) for le, v in pattern.findall(text)}
-    return found
+    return {
+        sample.labels["le"]: sample.value
+        for family in text_string_to_metric_families(text) if family.name == "igcv2_batch_size"
+        for sample in family.samples
+        if sample.name == "igcv2_batch_size_bucket" and sample.labels["model"] == DEFAULT_MODEL
+    }
 
 
 def assert_matches_offline(results: list[dict], expected: np.ndarray) -> None:
