@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image, width*height (413 above).")
     max_images_per_request: int = Field(64, ge=1, description="Most images in one request (413 above).")
     decode_threads: int = Field(0, ge=0, description="Threads decoding images (0: one per core, at least 2).")
+    inline_decode_pixels: int = Field(
+        16_384, ge=0,
+        description="Images of at most this many pixels decode on the event loop, larger ones in the decode "
+        "threads (a thread hand-off costs more than decoding a small image; 0: always threads).",
+    )
 
     # Security
     api_key: SecretStr | None = Field(

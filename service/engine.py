@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from igcv2.artifact import MODEL_NAME, ArtifactError, versions
+from igcv2.artifact import MODEL_NAME, ArtifactError, InputSpec, versions
 from service import metrics, oip
 from service.config import Settings
 from service.errors import BadInput, InvalidParameter, NotFound, TooLarge
-from service.imaging import check_media_type, decode_image
+from service.imaging import check_media_type, load_image, open_image
 from service.registry import ModelRegistry, ServedModel, State, validate_name
 
 
@@ -50,20 +51,35 @@ class Engine:
         if n > self.settings.max_images_per_request:
             raise TooLarge(f"{n} images in one request; the limit is {self.settings.max_images_per_request}")
 
-    async def decode(self, served: ServedModel, uploads: list[Upload]) -> list[np.ndarray]:
-        """Decode and fit every upload to the model's input, in parallel on the decode pool."""
-        spec, limit = served.ready_config.input, self.settings.max_image_pixels
-        loop = asyncio.get_running_loop()
-        histogram = metrics.PREPROCESS_DURATION.labels(model=served.name)
+    async def decode(self, spec: InputSpec, model: str, uploads: list[Upload]) -> list[np.ndarray]:
+        """Decode and fit every upload to the model's input.
 
-        def one(upload: Upload) -> np.ndarray:
+        Headers are read and limits checked on the event loop. Images of at most
+        ``inline_decode_pixels`` are decoded there too: handing a 28x28 PNG to a thread costs
+        more loop time than decoding it. Larger ones go to the decode pool, in parallel.
+        """
+        limit = self.settings.max_image_pixels
+        loop = asyncio.get_running_loop()
+        histogram = metrics.PREPROCESS_DURATION.labels(model=model)
+
+        def load(upload: Upload, image: Image.Image, header_s: float) -> np.ndarray:
+            started = time.perf_counter()
+            array = load_image(image, spec, limit, upload.filename)
+            histogram.observe(header_s + time.perf_counter() - started)
+            return array
+
+        parts: list[np.ndarray | asyncio.Future[np.ndarray]] = []
+        for upload in uploads:
             started = time.perf_counter()
             check_media_type(upload.content_type)
-            image = decode_image(upload.data, spec, limit, upload.filename)
-            histogram.observe(time.perf_counter() - started)
-            return image
-
-        return list(await asyncio.gather(*(loop.run_in_executor(self.decode_pool, one, u) for u in uploads)))
+            image = open_image(upload.data, spec, limit, upload.filename)
+            header_s = time.perf_counter() - started
+            if image.width * image.height <= self.settings.inline_decode_pixels:
+                parts.append(load(upload, image, header_s))
+            else:
+                parts.append(loop.run_in_executor(self.decode_pool, load, upload, image, header_s))
+        pooled = iter(await asyncio.gather(*(p for p in parts if isinstance(p, asyncio.Future))))
+        return [next(pooled) if isinstance(p, asyncio.Future) else p for p in parts]
 
     async def classify(
         self, uploads: list[Upload], model: str | None, version: int | None, top_k: int, timeout_s: float | None
@@ -75,7 +91,7 @@ class Engine:
         if top_k > len(labels):
             raise InvalidParameter(f"top_k={top_k} exceeds the {len(labels)} classes of {served.name}")
         deadline = served.admit(len(uploads), timeout_s, arrival)
-        images = await self.decode(served, uploads)
+        images = await self.decode(served.ready_config.input, served.name, uploads)
         logits = await served.infer(images, deadline)
         results = []
         for upload, row in zip(uploads, logits, strict=True):
@@ -104,7 +120,8 @@ class Engine:
         deadline = served.admit(oip.batch_size(tensor), min(timeouts) if timeouts else None, arrival)
         if tensor.name == oip.ENCODED:
             files = oip.encoded_images(tensor)
-            images = await self.decode(served, [Upload(f"{oip.ENCODED}[{i}]", None, f) for i, f in enumerate(files)])
+            uploads = [Upload(f"{oip.ENCODED}[{i}]", None, f) for i, f in enumerate(files)]
+            images = await self.decode(config.input, served.name, uploads)
         else:
             images = oip.image_arrays(tensor)
         logits = np.stack(await served.infer(images, deadline))

@@ -1,14 +1,18 @@
 """Encoded image bytes -> validated, decoded, fitted uint8 (H, W, C) array.
 
-Runs in a thread pool: Pillow releases the GIL while decoding. Limits are checked from the
-header before any pixel is decoded (decompression bombs), and large JPEGs are decoded at a
-reduced scale with ``draft()`` (DCT scaling), which is far cheaper than decoding then resizing.
+Two steps: :func:`open_image` reads the header and checks the limits before any pixel is
+decoded (decompression bombs); :func:`load_image` decodes, on the event loop for small images
+and in the engine's thread pool for large ones (Pillow releases the GIL while decoding). Large
+JPEGs are decoded at a reduced scale with ``draft()`` (DCT scaling), far cheaper than decoding
+then resizing.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,29 +33,13 @@ def check_media_type(content_type: str | None) -> None:
         raise UnsupportedMediaType(f"unsupported media type {media!r}: send image/* (PNG, JPEG, GIF, WebP, BMP, TIFF)")
 
 
-def decode_image(data: bytes, spec: InputSpec, max_pixels: int, name: str = "image") -> np.ndarray:
-    """Decode ``data`` and fit it to the model input ``spec``; raise 400/413/415 errors."""
-    if not data:
-        raise BadInput(f"{name}: empty file")
+@contextmanager
+def client_errors(name: str, max_pixels: int) -> Iterator[None]:
+    """Map whatever Pillow raises on hostile bytes to the client's 400 / 413, never a 500."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise TooLarge(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
-            # fit_image scales the shorter side up to the input: an 855-byte 1x400000 PNG would become a
-            # 28x11200000 image in memory. The fitted size obeys the limit too (or the input's own size).
-            scale = max(spec.width / max(width, 1), spec.height / max(height, 1))
-            fitted = max(spec.width, round(width * scale)) * max(spec.height, round(height * scale))
-            if fitted > max(max_pixels, spec.width * spec.height):
-                raise TooLarge(f"{name}: {width}x{height} would be resized to {fitted} pixels to fit the "
-                               f"{spec.width}x{spec.height} input; the limit is {max_pixels} pixels")
-            if image.format == "JPEG":
-                image.draft("L" if spec.channels == 1 else "RGB", (spec.width, spec.height))
-            image.seek(0)  # animated images: the first frame
-            image.load()
-            return fit_image(image, spec.height, spec.width, spec.channels)
+            yield
     except TooLarge:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -63,3 +51,37 @@ def decode_image(data: bytes, spec: InputSpec, max_pixels: int, name: str = "ima
     except Exception as exc:  # Pillow on hostile bytes raises more (struct.error, AttributeError from a broken
         # EXIF block re-serialised by exif_transpose): still the client's bad input, never a 500
         raise BadInput(f"{name}: corrupt image metadata ({type(exc).__name__}: {exc})") from exc
+
+
+def open_image(data: bytes, spec: InputSpec, max_pixels: int, name: str = "image") -> Image.Image:
+    """Read the header and check every limit; no pixel is decoded yet (cheap: tens of µs)."""
+    if not data:
+        raise BadInput(f"{name}: empty file")
+    with client_errors(name, max_pixels):
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise TooLarge(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+        # fit_image scales the shorter side up to the input: an 855-byte 1x400000 PNG would become a
+        # 28x11200000 image in memory. The fitted size obeys the limit too (or the input's own size).
+        scale = max(spec.width / max(width, 1), spec.height / max(height, 1))
+        fitted = max(spec.width, round(width * scale)) * max(spec.height, round(height * scale))
+        if fitted > max(max_pixels, spec.width * spec.height):
+            raise TooLarge(f"{name}: {width}x{height} would be resized to {fitted} pixels to fit the "
+                           f"{spec.width}x{spec.height} input; the limit is {max_pixels} pixels")
+        return image
+
+
+def load_image(image: Image.Image, spec: InputSpec, max_pixels: int, name: str = "image") -> np.ndarray:
+    """Decode an :func:`open_image` result and fit it to ``spec``."""
+    with client_errors(name, max_pixels):
+        if image.format == "JPEG":
+            image.draft("L" if spec.channels == 1 else "RGB", (spec.width, spec.height))
+        image.seek(0)  # animated images: the first frame
+        image.load()
+        return fit_image(image, spec.height, spec.width, spec.channels)
+
+
+def decode_image(data: bytes, spec: InputSpec, max_pixels: int, name: str = "image") -> np.ndarray:
+    """Decode ``data`` and fit it to the model input ``spec``; raise 400/413/415 errors."""
+    return load_image(open_image(data, spec, max_pixels, name), spec, max_pixels, name)
