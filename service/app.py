@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from service import metrics
 from service.api import classify, health, models, v2
-from service.api.middleware import ApiKey, BodyLimit, Draining, RequestMetrics
+from service.api.middleware import ApiKey, BodyLimit, Draining, RequestMetrics, Shedding
 from service.config import Settings
 from service.engine import Engine
 from service.errors import ServiceError
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Shedding, registry=registry, default_model=settings.default_model)
     app.add_middleware(ApiKey, key=settings.api_key.get_secret_value() if settings.api_key else None,
                        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None)
     app.add_middleware(Draining, is_draining=lambda: app.state.draining)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -243,6 +244,68 @@ def test_draining_refuses_new_work_but_stays_live(client: TestClient) -> None:
     finally:
         client.app.state.draining = False  # type: ignore[attr-defined]
     assert client.post("/classify", files=multipart(fashion_pngs(1)), headers=AUTH).status_code == 200
+
+
+# ----- load shedding -----
+
+@pytest.mark.parametrize(("path", "query"), [
+    ("/classify", b""),
+    ("/classify", f"model={DEFAULT_MODEL}&version=1&top_k=3".encode()),
+    (f"/v2/models/{DEFAULT_MODEL}/infer", b""),
+    (f"/v2/models/{DEFAULT_MODEL}/versions/1/infer", b""),
+])
+def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str, query: bytes) -> None:
+    """When not one more image fits, the 503 comes before the body is read or the request routed;
+    what was already queued still completes."""
+    app = create_app(app_settings(store, max_queue_size=2, max_batch_size=1, max_queue_delay_ms=0))
+    png = fashion_pngs(1)[0]
+    headers = [(b"host", b"test"), (b"content-type", b"image/png"), (b"content-length", str(len(png)).encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query, "headers": headers,
+             "client": ("127.0.0.1", 50000), "server": ("test", 80)}
+    body_reads: list[int] = []
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        body_reads.append(1)
+        return {"type": "http.request", "body": png, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def scenario() -> list[int]:
+        async with running(app):
+            served = app.state.registry.resolve(DEFAULT_MODEL)
+            release = threading.Event()
+            for runner in served.runners:  # hold the model: one request computing, two queued fill the queue
+                runner.executor.submit(release.wait, 30)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                def post() -> asyncio.Future[httpx.Response]:
+                    return asyncio.ensure_future(client.post("/classify", content=png,
+                                                             headers={"content-type": "image/png"}))
+
+                async def depth_reaches(n: int) -> None:
+                    deadline = time.monotonic() + 10
+                    while served.batcher.depth != n:
+                        assert time.monotonic() < deadline, f"queue depth {served.batcher.depth}, expected {n}"
+                        await asyncio.sleep(0.01)
+
+                try:
+                    queued = [post()]
+                    await asyncio.sleep(0.2)
+                    await depth_reaches(0)  # the first image is with the (held) model
+                    queued += [post(), post()]
+                    await depth_reaches(2)
+                    await app(scope, receive, send)
+                finally:
+                    release.set()
+                return [response.status_code for response in await asyncio.gather(*queued)]
+
+    assert asyncio.run(scenario()) == [200, 200, 200]
+    assert not body_reads, "the refused request's body was read"
+    assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+    assert "queue full (2 of 2 images waiting)" in json.loads(sent[1]["body"])["error"]
 
 
 # ----- readiness with a broken model -----
