@@ -6,6 +6,7 @@ checked, and so the metrics see every response, errors included.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import re
@@ -50,6 +51,8 @@ class RequestMetrics:
         self.routes = routes
         self.model_label = model_label
         self.default_model = default_model
+        # Requests answered before routing (refusals under overload) are many: match each path once.
+        self.route_for = functools.lru_cache(maxsize=1024)(self._route_for)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,7 +78,7 @@ class RequestMetrics:
     def labels(self, scope: Scope) -> tuple[str, str]:
         route, path_params = scope.get("route"), scope.get("path_params") or {}
         if route is None:
-            route, path_params = match_route(self.routes(), scope)
+            route, path_params = self.route_for(scope["method"], scope["path"], scope.get("root_path", ""))
         endpoint = getattr(route, "path", None) or "unmatched"
         if "name" in path_params:
             return endpoint, self.model_label(path_params["name"])
@@ -83,6 +86,9 @@ class RequestMetrics:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             return endpoint, self.model_label(query.get("model", [self.default_model])[0])
         return endpoint, ""
+
+    def _route_for(self, method: str, path: str, root_path: str) -> tuple[Any, dict[str, Any]]:
+        return match_route(self.routes(), {"type": "http", "method": method, "path": path, "root_path": root_path})
 
 
 def match_route(routes: list[Any], scope: Scope) -> tuple[Any, dict[str, Any]]:

@@ -10,11 +10,12 @@ to this test hits all alike; goodput is read from the server's own counter of co
   saturating concurrency. Goodput must stay >= 90% of saturation: the bounded queue sheds the excess
   at once and nothing queued is wasted.
 * **Clients paced at ``FACTOR`` x saturation that never back off** (each sends on its own schedule,
-  whatever the answers; the benchmark's default overload mode). Every refusal then costs the server
-  a request's worth of Python (HTTP parsing, routing, the multipart form: about 0.4-0.9 ms here),
-  taken from the CPU that computes images; on two shared cores that is not free, so the bar is "no
-  collapse" (>= 50%), and the ratio is printed. The benchmark runs the long and the harsher
-  (retry-storm) versions.
+  whatever the answers; the benchmark's default overload mode). Every refusal still costs the server
+  some Python (HTTP parsing and the shedding middleware, which refuses before the body is read or the
+  request is routed: ~0.15 ms here, against ~0.3-0.9 ms when refusals went through FastAPI), taken
+  from the CPU that computes images; on two cores shared with the load generator that is not free,
+  so the bar here is 70% (0.84 measured while another job used both cores), and the ratio is printed.
+  The benchmark runs the long and the harsher (retry-storm) versions.
 
 The load comes from raw keep-alive sockets with prepared bytes (``KeepAliveClient``), so the client
 costs the server's cores a few percent, not the half core an httpx client would.
@@ -225,7 +226,7 @@ def test_overload_keeps_goodput_queue_bound_and_memory(tmp_path: Path) -> None:
     assert rejected > 0
     assert IMAGES * paced_answers.sent / overload_s >= 1.5 * sat_rate, f"offered load not above capacity: {summary}"
     assert rate(polite_windows) >= 0.9 * sat_rate, summary
-    assert rate(paced_windows) >= 0.5 * sat_rate, summary
+    assert rate(paced_windows) >= 0.7 * sat_rate, summary
     assert len(sampler.depths) >= 10 and max(sampler.depths) <= QUEUE, summary
     assert max(sampler.depths) >= QUEUE - BATCH, f"the queue never filled: {summary}"
     assert rss_after < 1.1 * rss_before and max(sampler.rss) < 1.1 * rss_before, summary
