@@ -128,6 +128,15 @@ def test_levels_kwarg_changes_block_depth() -> None:
     assert {len(m.branches) for m in net.modules() if isinstance(m, IGCV2Block)} == {2}
 
 
+def test_fashion_widths_and_repeats_shape_the_stages() -> None:
+    net = build("igcv2_fashion", stem=16, widths=[32, 64], repeats=[1, 2])
+    blocks = [m for m in net.modules() if isinstance(m, IGCV2Block)]
+    assert [(b.channels, b.out_channels) for b in blocks] == [(16, 32), (32, 64), (64, 64)]
+    assert net.classifier.in_features == 64
+    with pytest.raises(ValueError, match="differ in length"):
+        build("igcv2_fashion", widths=[32, 64], repeats=[1])
+
+
 def test_residual_units_start_as_identity_plus_relu() -> None:
     net = build("igcv2_cifar", width=16).eval()
     unit = next(m for m in net.modules() if isinstance(m, IGCV2Unit) and m.stride == 1 and m.pad_channels == 0)

@@ -62,7 +62,7 @@ def test_one_epoch_smoke_run_writes_versions_1_then_2(tmp_path: Path, capsys: py
     spec = artifact.config.input
     assert top1(Normalized(artifact.model, spec.mean, spec.std), test) == pytest.approx(metrics["top1"])
 
-    assert main(args(out, *TINY, limit=128)) == 0
+    assert main(args(out, *TINY, "--channels-last", limit=128)) == 0  # stored weights are plain contiguous
     assert sorted(p.name for p in out.iterdir()) == ["1", "2"]
     second = read_config(out / "2")
     assert second["version"] == 2
@@ -136,7 +136,7 @@ def test_one_cycle_schedule_warms_up_then_decays() -> None:
 
 def test_fine_tune_starts_from_an_artifact_and_records_its_recipe(tmp_path: Path) -> None:
     out = tmp_path / "m"
-    assert main(args(out, *TINY, limit=128)) == 0
+    assert main(args(out, *TINY, "--channels-last", limit=128)) == 0  # stored weights are plain contiguous
     base = load_artifact(out / "1")
     assert main(args(out, "--init-from", str(out / "1"), "--lr", "0.001", limit=128)) == 0
     config = read_config(out / "2")
