@@ -120,12 +120,12 @@ def test_networks_are_built_from_igcv2_blocks_with_complementary_branches() -> N
         assert blocks
         for b in blocks:
             assert math.prod(b.branches) == b.channels
-            assert len(b.branches) == 3  # L = 3 by default
+            assert len(b.branches) == (2 if builder == "igcv2_fashion" else 3)  # the default model is L = 2
 
 
 def test_levels_kwarg_changes_block_depth() -> None:
-    net = build("igcv2_fashion", levels=2)
-    assert {len(m.branches) for m in net.modules() if isinstance(m, IGCV2Block)} == {2}
+    net = build("igcv2_fashion", levels=3, widths=[96, 192, 384])
+    assert {len(m.branches) for m in net.modules() if isinstance(m, IGCV2Block)} == {3}
 
 
 def test_fashion_widths_and_repeats_shape_the_stages() -> None:
