@@ -68,12 +68,14 @@ class Engine:
             histogram.observe(header_s + time.perf_counter() - started)
             return array
 
-        parts: list[np.ndarray | asyncio.Future[np.ndarray]] = []
+        opened = []  # every header first: a request with one bad image decodes none of the others
         for upload in uploads:
             started = time.perf_counter()
             check_media_type(upload.content_type)
             image = open_image(upload.data, spec, limit, upload.filename)
-            header_s = time.perf_counter() - started
+            opened.append((upload, image, time.perf_counter() - started))
+        parts: list[np.ndarray | asyncio.Future[np.ndarray]] = []
+        for upload, image, header_s in opened:
             if image.width * image.height <= self.settings.inline_decode_pixels:
                 parts.append(load(upload, image, header_s))
             else:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from igcv2.artifact import InputSpec
 from service.config import Settings
@@ -89,9 +90,15 @@ def test_zero_inline_pixels_sends_every_image_to_the_threads(tmp_path: Path) -> 
         engine.close()
 
 
+def decoded_count() -> float:
+    return REGISTRY.get_sample_value("igcv2_preprocess_duration_seconds_count", {"model": "m"}) or 0.0
+
+
 def test_header_errors_come_before_any_decoding(engine: Engine) -> None:
-    """Limits are checked from every header on the loop: no thread is needed to refuse a request."""
+    """Limits are checked from every header on the loop, before any image of the request is decoded:
+    no thread is needed to refuse a request, and its valid images are not decoded for nothing."""
     too_big = png(400)  # 160,000 pixels, over the limit of 100,000
+    before = decoded_count()
 
     async def scenario() -> None:
         release = block_pool(engine)
@@ -102,5 +109,7 @@ def test_header_errors_come_before_any_decoding(engine: Engine) -> None:
                 await asyncio.wait_for(decode(engine, png(28), b"not an image"), 5)
         finally:
             release.set()
+        await asyncio.sleep(0.3)  # anything handed to the pool would run now
 
     asyncio.run(scenario())
+    assert decoded_count() == before
