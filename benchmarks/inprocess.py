@@ -7,16 +7,20 @@ thread count and batch buckets; the orchestrator never imports torch's compiled 
 What it measures, per batch bucket: images decoded with ``service.imaging.decode_image`` and
 run through ``ModelRunner.predict`` (compiled, warmed up), one after the other on the runner's
 own inference thread; the best bucket is the ceiling the HTTP service is compared against.
-Then the single-image latency: decode + forward of one image, many times.
+Then the single-image latency: decode + forward of one image, many times. And the decode
+ceiling: images/s ``decode_image`` reaches alone on as many threads as the service decodes with
+(what bounds a fast accelerator fed large JPEGs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +82,24 @@ def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: flo
             latencies.append(time.perf_counter() - t0)
         return _ms(latencies)
 
+    def decode_ceiling() -> dict[str, Any]:
+        threads = settings.decode_threads or max(2, os.cpu_count() or 1)  # as service.engine.Engine
+        per_thread = max(MIN_ITERATIONS, len(images))
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(decode, range(threads)))
+            done, started = 0, time.perf_counter()
+            while done < threads * per_thread or time.perf_counter() - started < single_s:
+                list(pool.map(decode, range(done, done + threads * per_thread)))
+                done += threads * per_thread
+            elapsed = time.perf_counter() - started
+        return {"threads": threads, "images": done, "images_per_s": done / elapsed}
+
     # Every call runs on the runner's own thread, as in the service (compiled graphs belong to it).
     warmup_s = runner.executor.submit(runner.warmup).result()
     buckets = [runner.executor.submit(bucket, b).result() for b in runner.buckets]
     single_latency = runner.executor.submit(single).result()
     runner.close()
+    decoding = decode_ceiling()
     best = max(buckets, key=lambda b: b["images_per_s"])
     return {
         "what": "decode_image + ModelRunner.predict, sequential on the inference thread, no HTTP",
@@ -92,6 +109,7 @@ def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: flo
         "cuda_device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else None,
         "max_batch_size": options.max_batch_size, "warmup_s": warmup_s, "buckets": buckets,
         "best_batch": best["batch"], "images_per_s": best["images_per_s"], "single_image": single_latency,
+        "decode_ceiling": decoding,
     }
 
 

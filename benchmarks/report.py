@@ -58,6 +58,8 @@ def server_delta(r0: Reading, r1: Reading, model: str) -> dict[str, Any]:
                             if round(n - codes0.get(c, 0.0))},
         "rejected_images": {r: round(n - rejected0.get(r, 0.0)) for r, n in sorted(rejected1.items())},
         "cpu_cores": (r1.server_cpu_s - r0.server_cpu_s) / dt if dt > 0 else None,
+        # Share of wall time the inference thread spent in predict (copy in, forward, copy out).
+        "inference_busy": delta("igcv2_inference_duration_seconds_sum") / dt if dt > 0 else None,
         "machine_busy_cores": (r1.machine_busy_s - r0.machine_busy_s) / dt if dt > 0 else None,
     }
 
@@ -101,6 +103,7 @@ def csv_phase(results: list[StreamResult], warmup_s: float, server: dict[str, An
         # hey's CSV leaves transport errors out: answers the server sent that hey did not record.
         "unaccounted": server_answered - answered,
         "mean_batch_size": server["mean_batch_size"],
+        "inference_busy": server.get("inference_busy"),
         "server": server,
         "cpu_cores": {"server": cores, "loadgen": gen, "machine": machine,
                       "other": None if machine is None or cores is None else max(0.0, machine - cores - gen)},
@@ -243,8 +246,10 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{b['forward_ms_per_batch']:.2f} |" for b in c["buckets"]]
         s = c["single_image"]
         lines += ["", f"Single image (decode + forward): p50 {s['p50_ms']:.2f} ms, p95 {s['p95_ms']:.2f} ms", ""]
+        if d := c.get("decode_ceiling"):
+            lines += [f"Decode ceiling: {d['images_per_s']:.1f} images/s on {d['threads']} threads", ""]
     header = ["| concurrency | images/s | req/s | p50 ms | p95 ms | p99 ms | mean batch | server cores | "
-              "hey cores | other cores | codes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "hey cores | other cores | model busy | GPU busy | codes |", "|---" * 13 + "|"]
     for key, title in (("batching", "Service, batching"), ("no_batching", "Service, max_batch_size=1")):
         sweep = (result.get(key) or {}).get("sweep")
         if not sweep:
@@ -255,7 +260,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {p['concurrency']} | {_f(p['throughput_images_per_s'])} | {_f(p['requests_per_s'])} | "
                          f"{_f(lat['p50'], 2)} | {_f(lat['p95'], 2)} | {_f(lat['p99'], 2)} | "
                          f"{_f(p['mean_batch_size'], 2)} | {_f(cpu['server'], 2)} | {_f(cpu['loadgen'], 2)} | "
-                         f"{_f(cpu['other'], 2)} | {p['codes']} |")
+                         f"{_f(cpu['other'], 2)} | {_f(p.get('inference_busy'), 2)} | {_f(p.get('gpu_busy'), 2)} | "
+                         f"{p['codes']} |")
         lines.append("")
     if result.get("open_loop"):
         lines += ["## Open loop (fixed offered rate)", "",

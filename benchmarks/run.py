@@ -37,7 +37,7 @@ import numpy as np
 
 from benchmarks import loadgen, report
 from benchmarks.loadgen import Body, HeyRun, Stream
-from benchmarks.server import ROOT, Service, http
+from benchmarks.server import ROOT, GpuUtilization, Service, http
 from benchmarks.workloads import Workload, latest_version_dir, model_info, prepare, soak_classes, valid_bodies
 
 MODES = ("throughput", "overload", "soak")
@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per sweep point (after its warm-up)")
     p.add_argument("--warmup", type=float, help="seconds at the start of each point left out of its numbers")
     p.add_argument("--images", type=int, help="distinct real images to send")
+    p.add_argument("--photo-size", type=size, metavar="WxH",
+                   help="imagenet: resize the photographs to this size before JPEG encoding (e.g. 1024x768, "
+                        "a camera frame; default: their own sizes)")
     p.add_argument("--streams", type=int, default=4, help="most hey processes per closed-loop point (one image each)")
     p.add_argument("--images-per-request", type=int, default=1, help="1: raw image body; more: multipart")
     p.add_argument("--max-batch-size", type=int, help="IGCV2_MAX_BATCH_SIZE of the batching server "
@@ -133,6 +136,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.no_batching_concurrency = ints(args.no_batching_concurrency) if args.no_batching_concurrency else None
     args.out = args.out or ROOT / "benchmarks" / "out" / args.model
     return args
+
+
+def size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height)
 
 
 def ints(text: str) -> list[int]:
@@ -230,13 +238,14 @@ class Bench:
             "machine": machine(),
             "warnings": [],
         }
-        self.work: Workload = prepare(args.model, args.model_store, self.out, args.images)
+        self.work: Workload = prepare(args.model, args.model_store, self.out, args.images, args.photo_size)
         self.version_dir = latest_version_dir(self.work.store, self.work.model)
         self.result["model"] = model_info(self.version_dir)
         if self.result["model"].get("untrained"):
             self.warn(f"{self.work.model} at {self.version_dir} has untrained (random) weights: "
                       "speed is representative, predictions are not")
         self.env = self.server_env()
+        self.gpu = GpuUtilization() if self.result["machine"]["gpus"] else None
         self.bodies = valid_bodies(self.work, self.out / "bodies", args.images_per_request)
         self.result["settings"] = {
             "concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
@@ -309,6 +318,7 @@ class Bench:
         r1 = svc.reading()
         phase = report.csv_phase(results, warmup, report.server_delta(r0, r1, svc.model),
                                  report.server_delta(pre, r1, svc.model))
+        phase["gpu_busy"] = self.gpu.mean(r0.t, r1.t) if self.gpu else None
         if phase["unaccounted"]:
             self.warn(f"{tag}: {phase['unaccounted']} answers the server sent were not recorded by hey "
                       "(client timeouts or transport errors)")
@@ -326,7 +336,8 @@ class Bench:
             point = {"concurrency": c, **self.csv_phase(svc, streams, f"{label}-c{c}", self.args.warmup)}
             lat = point["latency_ms"]
             self.log(f"{label} c={c}: {point['throughput_images_per_s']:.1f} images/s, p50 {lat['p50'] or 0:.2f} ms, "
-                     f"p99 {lat['p99'] or 0:.2f} ms, mean batch {point['mean_batch_size'] or 0:.2f}")
+                     f"p99 {lat['p99'] or 0:.2f} ms, mean batch {point['mean_batch_size'] or 0:.2f}"
+                     + (f", GPU busy {point['gpu_busy']:.2f}" if point.get("gpu_busy") is not None else ""))
             points.append(point)
             time.sleep(0.5)
         return points
@@ -624,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as write_exc:  # the original error matters more
             print(f"could not write partial results: {write_exc}", file=sys.stderr)
         raise
+    finally:
+        if bench.gpu:
+            bench.gpu.close()
     paths = bench.write()
     print(report.markdown(bench.result))
     for kind, path in paths.items():

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -216,3 +217,31 @@ class Service:
     def rss_bytes(self) -> float:
         """Resident memory as the server itself reports it (process_resident_memory_bytes)."""
         return self.scrape().value("process_resident_memory_bytes")
+
+
+class GpuUtilization:
+    """nvidia-smi's utilization.gpu (share of time a kernel was running on GPU 0), sampled every
+    ``interval_ms`` for as long as the run lasts; a phase averages the samples inside its window."""
+
+    def __init__(self, interval_ms: int = 100) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self.process = subprocess.Popen(
+            ["nvidia-smi", "-i", "0", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+             f"-lms={interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                self.samples.append((time.monotonic(), float(line.strip()) / 100))
+            except ValueError:
+                continue
+
+    def mean(self, t0: float, t1: float) -> float | None:
+        inside = [v for t, v in self.samples if t0 <= t <= t1]
+        return sum(inside) / len(inside) if inside else None
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()

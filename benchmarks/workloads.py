@@ -62,15 +62,18 @@ def fashion_pngs(n: int) -> list[tuple[str, bytes]]:
             for i, (img, label) in enumerate(zip(data.images, data.labels, strict=True))]
 
 
-def photo_jpegs(n: int) -> list[tuple[str, bytes]]:
-    """Up to ``n`` of scikit-image's sample photographs as JPEG (quality 90), at their own sizes."""
+def photo_jpegs(n: int, size: tuple[int, int] | None = None) -> list[tuple[str, bytes]]:
+    """Up to ``n`` of scikit-image's sample photographs as JPEG (quality 90), at their own sizes or
+    resized to ``size`` (width, height)."""
     import skimage.data
 
     out = []
     for name in PHOTOS[:n]:
         image = getattr(skimage.data, name)()
-        image = image[0] if isinstance(image, tuple) else image  # stereo_motorcycle: (left, right, disparity)
-        out.append((f"{name}.jpg", encode(np.ascontiguousarray(image[..., :3]), "JPEG", quality=90)))
+        image = np.ascontiguousarray((image[0] if isinstance(image, tuple) else image)[..., :3])  # stereo: (l, r, d)
+        if size is not None:
+            image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+        out.append((f"{name}.jpg", encode(image, "JPEG", quality=90)))
     return out
 
 
@@ -118,7 +121,8 @@ def untrained_imagenet(store: Path, name: str = "igcv2-imagenet-untrained") -> P
     return store
 
 
-def prepare(model: str, store: Path | None, out: Path, n_images: int) -> Workload:
+def prepare(model: str, store: Path | None, out: Path, n_images: int,
+            photo_size: tuple[int, int] | None = None) -> Workload:
     """Images on disk and the store holding the model; nothing is ever written to model_store/."""
     if model == "fashion":
         if store is None:
@@ -126,7 +130,8 @@ def prepare(model: str, store: Path | None, out: Path, n_images: int) -> Workloa
         return Workload("igcv2-fashion", store, write_images(fashion_pngs(n_images), out / "images"), "image/png")
     if model == "imagenet":
         store = untrained_imagenet(store or out / "store")
-        return Workload("igcv2-imagenet-untrained", store, write_images(photo_jpegs(n_images), out / "images"),
+        return Workload("igcv2-imagenet-untrained", store, write_images(photo_jpegs(n_images, photo_size),
+                                                                         out / "images"),
                         "image/jpeg")
     raise ValueError(f"unknown model workload {model!r} (fashion or imagenet)")
 

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 8 in one bounded run on a CUDA host (benchmarks/RESULTS.md quotes it).
+#
+#   benchmarks/gpu_check.sh OUT [STAGE...]     stages (default: all, in this order):
+#     info       nvidia-smi, driver, torch, CUDA
+#     compare    python -m benchmarks.gpu compare: floor, compile modes, fp16/bf16, channels_last;
+#                picks the fastest setting with full top-1 agreement for the stages after it
+#     tests      tests/service/test_runtime_cuda.py under that setting
+#     coldstart  seconds to /health/ready, empty then warm inductor cache
+#     serve      python -m benchmarks.run on the GPU: igcv2-fashion (PNG), the ImageNet preset with
+#                photos as JPEG at 224x224, and at camera size 1024x768 (8 images per request)
+#
+# Every stage has its own time limit, and OUT/summary.tgz is refreshed after each one, so a run
+# cut short still returns what it measured. Stages may be split over several calls on one host:
+# their state (the chosen setting, the inductor cache) stays in /tmp/gpu-check.
+set -uo pipefail
+out=$(realpath -m "${1:?usage: benchmarks/gpu_check.sh OUT [STAGE...]}")
+shift
+stages=${*:-info compare tests coldstart serve}
+work=/tmp/gpu-check
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$work/inductor-cache}
+setting="$work/setting.env"  # IGCV2_COMPILE_MODE / IGCV2_PRECISION / IGCV2_CHANNELS_LAST chosen by compare
+[ -s "$setting" ] || echo "IGCV2_COMPILE_MODE=reduce-overhead IGCV2_PRECISION=float16 IGCV2_CHANNELS_LAST=true" >"$setting"
+
+stamp() { echo "=== $(date +%T) $*" | tee -a "$work/stages.log"; }
+pack() { tar czf "$out/summary.tgz" -C "$work" --exclude inductor-cache --exclude store --exclude bodies \
+  --exclude images --exclude raw . 2>/dev/null; }
+
+choose() {  # the fastest fashion setting at the service's batch (32) among those that agree fully
+  python - "$work/compare/compare.json" >"$setting.new" <<'EOF'
+import json, sys
+runs = [r for r in json.load(open(sys.argv[1]))["runs"] if r["model"] == "fashion" and "buckets" in r
+        and r["mode"] != "eager" and (r["top1_agreement"] or 0) >= 0.999]
+best = max(runs, key=lambda r: next(b["images_per_s"] for b in r["buckets"] if b["batch"] == 32))
+print(f"IGCV2_COMPILE_MODE={best['mode']} IGCV2_PRECISION={best['precision']} "
+      f"IGCV2_CHANNELS_LAST={str(best['channels_last']).lower()}")
+EOF
+  [ -s "$setting.new" ] && mv "$setting.new" "$setting"
+}
+
+bench() {  # name, limit in seconds, benchmarks.run arguments...
+  local name=$1 limit=$2
+  shift 2
+  stamp "serve $name"
+  # shellcheck disable=SC2046
+  env $(cat "$setting") timeout "$limit" python -m benchmarks.run --mode throughput --out "$work/serve-$name" \
+    --warmup 1 --duration 4 --bucket-seconds 1 --single-seconds 2 --server-warmup 1 "$@" \
+    >"$work/serve-$name.log" 2>&1
+  echo "exit $?" >>"$work/serve-$name.log"
+  tail -n 60 "$work/serve-$name.log"
+}
+
+for stage in $stages; do
+  case $stage in
+  info)
+    stamp info
+    { nvidia-smi; python -c "import torch, platform; print(torch.__version__, torch.version.cuda, \
+torch.cuda.get_device_name(), platform.python_version())"; nproc; } 2>&1 | tee "$work/info.txt"
+    ;;
+  compare)
+    stamp compare
+    timeout 240 python -m benchmarks.gpu compare --out "$work/compare" --compile-timeout 150 2>&1 |
+      tee "$work/compare.log" | grep -v '^{"torch"' | cut -c1-400
+    choose || echo "no setting chosen: keeping $(cat "$setting")"
+    stamp "chosen: $(cat "$setting")"
+    ;;
+  tests)
+    stamp tests
+    mode=$(sed -n 's/.*IGCV2_COMPILE_MODE=\([^ ]*\).*/\1/p' "$setting")
+    CUDA_TEST_COMPILE_MODE=$mode CUDA_TEST_REPORT="$work/tests.jsonl" timeout 150 \
+      python -m pytest -q -s -p no:cacheprovider tests/service/test_runtime_cuda.py 2>&1 | tail -n 30 |
+      tee "$work/tests.log"
+    ;;
+  coldstart)
+    stamp coldstart
+    # shellcheck disable=SC2046
+    timeout 120 python -m benchmarks.gpu coldstart --out "$work/coldstart" \
+      $(sed 's/\(IGCV2_[A-Z_]*=[^ ]*\)/--server-env \1/g' "$setting") 2>&1 | tail -n 20 | tee "$work/coldstart.log"
+    ;;
+  serve)
+    bench fashion 75 --model fashion --concurrency 1,4,16,64 --no-batching-concurrency 16 --open-loop-rates 0.5 \
+      --open-loop-duration 4
+    bench imagenet-224 100 --model imagenet --photo-size 224x224 --concurrency 1,16,64 --no-batching-concurrency 16 \
+      --open-loop-rates 0.5 --open-loop-duration 4
+    bench imagenet-camera 60 --model imagenet --photo-size 1024x768 --images-per-request 8 --concurrency 1,4,16 \
+      --no-batching-concurrency 4 --open-loop-rates 0.5 --open-loop-duration 4
+    ;;
+  *) echo "unknown stage $stage" >&2 ;;
+  esac
+  pack
+done
+stamp done
+pack

@@ -1,0 +1,167 @@
+"""ModelRunner on an NVIDIA GPU: reduced precision against the CPU reference, one compilation per
+bucket, CUDA-graph outputs that the next batch cannot overwrite, residency and pinned buffers.
+
+Skipped (not failed) without CUDA. ``CUDA_TEST_COMPILE_MODE`` picks the compile mode (default:
+the service's own for CUDA); ``CUDA_TEST_REPORT`` names a JSON file the measured agreement is
+appended to (benchmarks/RESULTS.md quotes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from igcv2.artifact import Artifact, load_artifact
+from igcv2.data import load_dataset
+from igcv2.networks import Normalized
+from service.batching import DynamicBatcher
+from service.runtime import ModelRunner, RuntimeOptions
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
+
+SHIPPED = Path(__file__).resolve().parents[2] / "model_store" / "igcv2-fashion" / "1"
+MODE = os.environ.get("CUDA_TEST_COMPILE_MODE", "auto")
+MAX_BATCH = 32
+
+
+def report(entry: dict[str, object]) -> None:
+    print(json.dumps(entry))
+    if path := os.environ.get("CUDA_TEST_REPORT"):
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+@pytest.fixture(scope="module")
+def artifact() -> Artifact:
+    return load_artifact(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def test_split() -> tuple[np.ndarray, np.ndarray]:
+    data = load_dataset("fashion-mnist", "test")
+    return data.images, data.labels  # (N, 28, 28, 1) uint8, (N,)
+
+
+@pytest.fixture(scope="module")
+def cpu_probabilities(artifact: Artifact, test_split: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The float32 CPU reference: the artifact's eager network, softmax, on the whole test split."""
+    spec = artifact.config.input
+    module = Normalized(artifact.model, spec.mean, spec.std).eval()
+    with torch.inference_mode():
+        chunks = [module(torch.from_numpy(test_split[0][i:i + 500])).softmax(1)
+                  for i in range(0, len(test_split[0]), 500)]
+    return torch.cat(chunks).numpy()
+
+
+def gpu_runner(artifact: Artifact, precision: str) -> Iterator[ModelRunner]:
+    options = RuntimeOptions(device=torch.device("cuda"), precision=precision, compile_mode=MODE,
+                             max_batch_size=MAX_BATCH)
+    runner = ModelRunner(artifact, options, name=f"cuda-{precision}")
+    runner.executor.submit(runner.warmup).result()
+    assert runner.compiled, "torch.compile fell back to eager on the GPU"
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+def runner(request: pytest.FixtureRequest, artifact: Artifact) -> Iterator[ModelRunner]:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield from gpu_runner(artifact, request.param)
+
+
+def predict_all(runner: ModelRunner, images: np.ndarray, batch: int) -> np.ndarray:
+    def run() -> np.ndarray:
+        return np.concatenate([runner.predict(list(images[i:i + batch])) for i in range(0, len(images), batch)])
+
+    return runner.executor.submit(run).result()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_reduced_precision_agrees_with_the_cpu_float32_reference(
+    runner: ModelRunner, test_split: tuple[np.ndarray, np.ndarray], cpu_probabilities: np.ndarray
+) -> None:
+    images, labels = test_split
+    gpu = softmax(predict_all(runner, images, MAX_BATCH))
+    agreement = float((gpu.argmax(1) == cpu_probabilities.argmax(1)).mean())
+    max_diff = float(np.abs(gpu - cpu_probabilities).max())
+    report({"test": "agreement", "precision": str(runner.options.dtype), "mode": runner.options.mode,
+            "n": len(images), "top1_agreement": agreement, "max_probability_difference": max_diff,
+            "gpu_top1": float((gpu.argmax(1) == labels).mean()),
+            "cpu_top1": float((cpu_probabilities.argmax(1) == labels).mean()),
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__})
+    assert agreement >= 0.999, f"top-1 agreement {agreement:.4%} < 99.9% (max probability difference {max_diff:.4f})"
+
+
+def test_every_bucket_compiles_once_and_mixed_sizes_never_recompile(runner: ModelRunner) -> None:
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # The runner's own warm-up compiled every bucket (the first test of this runner may run first).
+    assert graphs == len(runner.buckets), f"{graphs} graphs for buckets {runner.buckets}"
+    rng = random.Random(0)
+    sizes = [rng.randint(1, MAX_BATCH) for _ in range(200)]
+    blank = np.zeros(runner.input_shape, np.uint8)
+
+    def mixed() -> None:
+        for n in sizes:
+            runner.predict([blank] * n)
+
+    runner.executor.submit(mixed).result()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a batch size recompiled"
+    report({"test": "compiles", "precision": str(runner.options.dtype), "mode": runner.options.mode,
+            "buckets": runner.buckets, "graphs": graphs, "mixed_calls": len(sizes)})
+
+
+def test_concurrent_requests_get_their_own_answers(
+    runner: ModelRunner, test_split: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Many single-image requests at once through the real batcher: batches of mixed sizes replay
+    CUDA graphs back to back; every answer must still be the one for its own image."""
+    images = test_split[0][:512]
+    expected = predict_all(runner, images, 1)  # one image per call: nothing shares a buffer
+
+    async def scenario() -> tuple[list[np.ndarray], list[int]]:
+        sizes: list[int] = []
+
+        async def counting(batch: list[np.ndarray]) -> np.ndarray:
+            sizes.append(len(batch))
+            return await runner.infer(batch)
+
+        batcher = DynamicBatcher([counting], max_batch_size=MAX_BATCH, max_queue_delay_s=0.0,
+                                 max_queue_size=len(images), model="cuda-test", version=1)
+        batcher.start()
+        deadline = time.monotonic() + 60
+        try:
+            answers = await asyncio.gather(*(batcher.submit([image], deadline) for image in images))
+        finally:
+            await batcher.close(10)
+        return [a[0] for a in answers], sizes
+
+    answers, sizes = asyncio.run(scenario())
+    assert max(sizes) > 1, "no batch formed: the test did not exercise graph replays of shared buffers"
+    tolerance = 1e-2 if runner.options.dtype == torch.bfloat16 else 5e-3
+    for i, (answer, reference) in enumerate(zip(answers, expected, strict=True)):
+        np.testing.assert_allclose(answer, reference, atol=tolerance * max(1.0, float(np.abs(reference).max())),
+                                   err_msg=f"request {i} got another request's (or a stale) answer")
+        assert answer.argmax() == reference.argmax()
+
+
+def test_weights_and_buffers_stay_on_the_device_and_host_buffers_are_pinned(runner: ModelRunner) -> None:
+    tensors = [*runner.module.parameters(), *runner.module.buffers()]
+    assert tensors and all(t.device.type == "cuda" for t in tensors)
+    assert all(p.dtype == runner.options.dtype for p in runner.module.parameters())
+    convs = [p for p in runner.module.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert runner.host_buffers and all(b.is_pinned() for b in runner.host_buffers.values())
