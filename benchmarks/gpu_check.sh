@@ -21,17 +21,18 @@ work=/tmp/gpu-check
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$work/inductor-cache}
 setting="$work/setting.env"  # IGCV2_COMPILE_MODE / IGCV2_PRECISION / IGCV2_CHANNELS_LAST chosen by compare
-[ -s "$setting" ] || echo "IGCV2_COMPILE_MODE=reduce-overhead IGCV2_PRECISION=float16 IGCV2_CHANNELS_LAST=true" >"$setting"
+[ -s "$setting" ] || echo "IGCV2_COMPILE_MODE=reduce-overhead IGCV2_PRECISION=float16 IGCV2_CHANNELS_LAST=false" >"$setting"
 
 stamp() { echo "=== $(date +%T) $*" | tee -a "$work/stages.log"; }
 pack() { tar czf "$out/summary.tgz" -C "$work" --exclude inductor-cache --exclude store --exclude bodies \
   --exclude images --exclude raw . 2>/dev/null; }
 
-choose() {  # the fastest fashion setting at the service's batch (32) among those that agree fully
+choose() {  # the fastest fashion setting at the service's batch (32) among those that agree on 99.5% of 512
+  # images (one flip is 0.2%); the 99.9% bar on the whole test split is the tests' job
   python - "$work/compare/compare.json" >"$setting.new" <<'EOF'
 import json, sys
 runs = [r for r in json.load(open(sys.argv[1]))["runs"] if r["model"] == "fashion" and "buckets" in r
-        and r["mode"] != "eager" and (r["top1_agreement"] or 0) >= 0.999]
+        and r["mode"] != "eager" and (r["top1_agreement"] or 0) >= 0.995]
 best = max(runs, key=lambda r: next(b["images_per_s"] for b in r["buckets"] if b["batch"] == 32))
 print(f"IGCV2_COMPILE_MODE={best['mode']} IGCV2_PRECISION={best['precision']} "
       f"IGCV2_CHANNELS_LAST={str(best['channels_last']).lower()}")
@@ -61,7 +62,7 @@ torch.cuda.get_device_name(), platform.python_version())"; nproc; } 2>&1 | tee "
   compare)
     stamp compare
     timeout 160 python -m benchmarks.gpu compare --out "$work/compare" --compile-timeout 105 \
-      --modes "${COMPARE_MODES:-eager,default,reduce-overhead,max-autotune}" 2>&1 |
+      --modes "${COMPARE_MODES:-eager,default,reduce-overhead}" 2>&1 |
       tee "$work/compare.log" | grep -v '^{"torch"' | cut -c1-400
     choose || echo "no setting chosen: keeping $(cat "$setting")"
     stamp "chosen: $(cat "$setting")"

@@ -39,8 +39,10 @@ class Settings(BaseSettings):
         "auto", description="auto: float16 on CUDA, float32 on CPU.")
     compile: bool = Field(True, description="Compile models with torch.compile (false: eager).")
     compile_mode: str = Field(
-        "auto", description="torch.compile mode; auto: 'max-autotune' on CUDA, 'default' on CPU.")
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored on CPU).")
+        "auto", description="torch.compile mode; auto: 'reduce-overhead' (CUDA graphs) on CUDA, 'default' on CPU.")
+    channels_last: bool = Field(
+        False, description="channels_last memory format on CUDA (ignored on CPU; slower for IGCV2's group "
+                           "convolutions on an H200, benchmarks/RESULTS.md).")
     cpu_threads: int = Field(0, ge=0, description="Intra-op threads for CPU inference (0: one per core but one).")
     instances: int = Field(1, ge=1, le=16, description="Model instances (inference threads) per model version.")
 

@@ -51,7 +51,7 @@ def test_options() -> None:
     cpu = RuntimeOptions(device=CPU)
     assert cpu.dtype == torch.float32 and cpu.mode == "default"
     cuda = RuntimeOptions(device=torch.device("cuda"))
-    assert cuda.dtype == torch.float16 and cuda.mode == "max-autotune"
+    assert cuda.dtype == torch.float16 and cuda.mode == "reduce-overhead" and not cuda.channels_last
     assert RuntimeOptions(device=CPU, precision="bfloat16", compile_mode="reduce-overhead").dtype == torch.bfloat16
     assert RuntimeOptions(device=CPU, compile_mode="reduce-overhead").mode == "reduce-overhead"
 
@@ -207,3 +207,24 @@ def test_warmup_runs_every_bucket(make_tiny_artifact: MakeArtifact) -> None:
         runner.close()
     assert seconds > 0
     assert sorted(set(sizes)) == [1, 2, 4, 5] and all(sizes.count(b) >= 3 for b in (1, 2, 4, 5))
+
+
+def test_every_inference_thread_gets_its_own_cuda_graph_trees() -> None:
+    """torch < 2.13 set up inductor's CUDA-graph trees only in the importing thread; a runner's
+    thread must have them whichever thread imported the module first (here: this one)."""
+    from torch._inductor import cudagraph_trees
+
+    from service.runtime import own_cuda_graph_trees
+
+    seen: dict[str, bool] = {}
+
+    def inference_thread() -> None:
+        seen["before"] = hasattr(cudagraph_trees.local, "tree_manager_containers")
+        own_cuda_graph_trees()
+        seen["after"] = hasattr(cudagraph_trees.local, "tree_manager_containers") and hasattr(
+            cudagraph_trees.local, "tree_manager_locks")
+
+    thread = threading.Thread(target=inference_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"before": False, "after": True}

@@ -162,6 +162,6 @@ def test_weights_and_buffers_stay_on_the_device_and_host_buffers_are_pinned(runn
     tensors = [*runner.module.parameters(), *runner.module.buffers()]
     assert tensors and all(t.device.type == "cuda" for t in tensors)
     assert all(p.dtype == runner.options.dtype for p in runner.module.parameters())
-    convs = [p for p in runner.module.parameters() if p.dim() == 4]
-    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    layout = torch.channels_last if runner.options.channels_last else torch.contiguous_format
+    assert all(p.is_contiguous(memory_format=layout) for p in runner.module.parameters() if p.dim() == 4)
     assert runner.host_buffers and all(b.is_pinned() for b in runner.host_buffers.values())
