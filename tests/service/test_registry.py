@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -324,3 +326,28 @@ def test_parse_version_refuses(value: str) -> None:
 def test_validate_name_refuses_paths(name: str) -> None:
     with pytest.raises(NotFound):
         validate_name(name)
+
+
+def test_loaded_models_are_frozen_out_of_the_garbage_collector_and_an_unload_frees_cycles(store: Path) -> None:
+    """A full collection over a loaded model's objects stalls the event loop, so loading freezes the
+    heap; an unload must still let garbage cycles that were frozen with it be collected."""
+
+    class Node:
+        pass
+
+    async def body(registry: ModelRegistry) -> None:
+        assert gc.get_freeze_count() > 0
+        frozen = gc.get_freeze_count()
+        cycle = Node()
+        cycle.self = cycle  # type: ignore[attr-defined]  # garbage that only a cyclic collection frees
+        alive = weakref.ref(cycle)
+        await asyncio.to_thread(registry.load, "good", 1)  # freezes the cycle too
+        assert gc.get_freeze_count() > frozen
+        del cycle
+        gc.collect()
+        assert alive() is not None  # frozen: out of the collector's reach
+        await registry.unload("good", 1)
+        assert alive() is None  # unfreeze + collect on unload
+        assert gc.get_freeze_count() > 0
+
+    with_registry(store, "good:2", body)
