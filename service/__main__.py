@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_cpu_threads(settings.cpu_threads)
+    # A compiled forward releases and retakes the GIL dozens of times; each time the busy event loop may
+    # keep it for a whole switch interval. CPython's 5 ms cost 28% of saturation (benchmarks/RESULTS.md).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
         log_level=settings.log_level, access_log=False,

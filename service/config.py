@@ -45,6 +45,10 @@ class Settings(BaseSettings):
                            "convolutions on an H200, benchmarks/RESULTS.md).")
     cpu_threads: int = Field(0, ge=0, description="Intra-op threads for CPU inference (0: one per core but one).")
     instances: int = Field(1, ge=1, le=16, description="Model instances (inference threads) per model version.")
+    gil_switch_interval_ms: float = Field(
+        0.1, gt=0, le=100,
+        description="Python's GIL switch interval (CPython's own default: 5 ms): the longest the event loop keeps the "
+                    "GIL while an inference thread waits to get it back after a kernel.")
 
     # Batching
     max_batch_size: int = Field(32, ge=1, le=1024, description="Largest batch; buckets are 1, 2, 4, ... up to it.")

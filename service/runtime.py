@@ -112,8 +112,7 @@ class ModelRunner:
         if not 0 < n <= self.buckets[-1]:
             raise ValueError(f"batch of {n} images; allowed 1..{self.buckets[-1]}")
         host = self.host_buffers[self.bucket(n)]
-        for i, image in enumerate(images):
-            host[i].numpy()[...] = image
+        np.stack(images, out=host.numpy()[:n])
         batch = host.to(self.device, non_blocking=True)
         logits = self.forward(batch)[:n].float()
         return logits.cpu().numpy().copy()  # never hand out a view of a buffer the next call reuses
