@@ -51,6 +51,5 @@ def test_evaluate_reproduces_the_recorded_accuracy() -> None:
     assert report["top1"] > 0.9  # a trained classifier, far above chance (0.1)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model reaches 0.9373; issue 2 asks for 0.940 (still open)")
 def test_default_model_meets_the_issue_target() -> None:
     assert measured_top1()["top1"] >= TARGET_TOP1
