@@ -56,13 +56,17 @@ def device_rates(device: str) -> dict[str, Any]:
     """Copy bandwidth (bytes read + written per second) and dense fp16/bf16 matrix rate, measured once."""
     import torch
 
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     def timed(fn: Any, repeats: int) -> float:
         fn()
-        torch.cuda.synchronize() if device == "cuda" else None
+        sync()
         started = time.perf_counter()
         for _ in range(repeats):
             fn()
-        torch.cuda.synchronize() if device == "cuda" else None
+        sync()
         return (time.perf_counter() - started) / repeats
 
     big = device == "cuda"
@@ -122,6 +126,7 @@ def child(config: dict[str, Any]) -> int:
 
     from igcv2.artifact import load_artifact
     from igcv2.networks import Normalized
+    from service.engine import softmax
     from service.imaging import decode_image
     from service.runtime import ModelRunner, RuntimeOptions
 
@@ -148,9 +153,7 @@ def child(config: dict[str, Any]) -> int:
 
     def measure() -> dict[str, Any]:
         chunks = [runner.predict(arrays[i:i + buckets[-1]]) for i in range(0, len(arrays), buckets[-1])]
-        logits = np.concatenate(chunks)
-        probs = np.exp(logits - logits.max(1, keepdims=True))
-        probs /= probs.sum(1, keepdims=True)
+        probs = softmax(np.concatenate(chunks))
         out: dict[str, Any] = {"top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
                                "max_probability_difference": float(np.abs(probs - reference).max()), "buckets": []}
         if np.ptp(reference, axis=1).max() < 1e-6:  # untrained network with constant outputs: no ranking to agree on

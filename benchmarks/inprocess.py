@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -83,7 +82,7 @@ def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: flo
         return _ms(latencies)
 
     def decode_ceiling() -> dict[str, Any]:
-        threads = settings.decode_threads or max(2, os.cpu_count() or 1)  # as service.engine.Engine
+        threads = settings.decode_workers
         per_thread = max(MIN_ITERATIONS, len(images))
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(decode, range(threads)))

@@ -6,6 +6,7 @@ Precedence for batching settings, lowest to highest: the defaults below, a model
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -112,6 +113,11 @@ class Settings(BaseSettings):
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"invalid serving section in config.json: {problems}") from None
         return merged | {name: getattr(checked, name) for name in overrides}
+
+    @property
+    def decode_workers(self) -> int:
+        """Threads of the decode pool: ``decode_threads``, or one per core (at least 2)."""
+        return self.decode_threads or max(2, os.cpu_count() or 1)
 
     def wanted_models(self) -> dict[str, int | None]:
         """{name: version or None (latest)} from ``models``; empty means everything in the store."""

@@ -7,7 +7,6 @@ raises :mod:`service.errors`.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +40,7 @@ class Engine:
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         self.settings = settings
         self.registry = registry
-        threads = settings.decode_threads or max(2, os.cpu_count() or 1)
-        self.decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
         self._repository_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def check_count(self, n: int) -> None:

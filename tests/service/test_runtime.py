@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -209,22 +210,15 @@ def test_warmup_runs_every_bucket(make_tiny_artifact: MakeArtifact) -> None:
     assert sorted(set(sizes)) == [1, 2, 4, 5] and all(sizes.count(b) >= 3 for b in (1, 2, 4, 5))
 
 
-def test_every_inference_thread_gets_its_own_cuda_graph_trees() -> None:
-    """torch < 2.13 set up inductor's CUDA-graph trees only in the importing thread; a runner's
-    thread must have them whichever thread imported the module first (here: this one)."""
+def test_every_inference_thread_gets_its_own_cuda_graph_trees(eager_runner: tuple[Artifact, ModelRunner]) -> None:
+    """torch < 2.13 set up inductor's CUDA-graph trees only in the importing thread (here: this one);
+    a plain thread lacks them, a runner's inference thread must have them."""
     from torch._inductor import cudagraph_trees
 
-    from service.runtime import own_cuda_graph_trees
+    def has_trees() -> bool:
+        return all(hasattr(cudagraph_trees.local, a) for a in ("tree_manager_containers", "tree_manager_locks"))
 
-    seen: dict[str, bool] = {}
-
-    def inference_thread() -> None:
-        seen["before"] = hasattr(cudagraph_trees.local, "tree_manager_containers")
-        own_cuda_graph_trees()
-        seen["after"] = hasattr(cudagraph_trees.local, "tree_manager_containers") and hasattr(
-            cudagraph_trees.local, "tree_manager_locks")
-
-    thread = threading.Thread(target=inference_thread)
-    thread.start()
-    thread.join()
-    assert seen == {"before": False, "after": True}
+    with ThreadPoolExecutor(1) as plain:
+        assert not plain.submit(has_trees).result()
+    _, runner = eager_runner
+    assert runner.executor.submit(has_trees).result()

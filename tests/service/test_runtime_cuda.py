@@ -24,6 +24,7 @@ from igcv2.artifact import Artifact, load_artifact
 from igcv2.data import load_dataset
 from igcv2.networks import Normalized
 from service.batching import DynamicBatcher
+from service.engine import softmax
 from service.runtime import ModelRunner, RuntimeOptions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
@@ -84,11 +85,6 @@ def predict_all(runner: ModelRunner, images: np.ndarray, batch: int) -> np.ndarr
         return np.concatenate([runner.predict(list(images[i:i + batch])) for i in range(0, len(images), batch)])
 
     return runner.executor.submit(run).result()
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def test_reduced_precision_agrees_with_the_cpu_float32_reference(
