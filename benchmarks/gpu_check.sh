@@ -70,7 +70,7 @@ torch.cuda.get_device_name(), platform.python_version())"; nproc; } 2>&1 | tee "
   tests)
     stamp tests
     mode=$(sed -n 's/.*IGCV2_COMPILE_MODE=\([^ ]*\).*/\1/p' "$setting")
-    CUDA_TEST_COMPILE_MODE=$mode CUDA_TEST_REPORT="$work/tests.jsonl" timeout 80 \
+    CUDA_TEST_COMPILE_MODE=$mode CUDA_TEST_REPORT="$work/tests.jsonl" timeout 170 \
       python -m pytest -q -s -p no:cacheprovider tests/service/test_runtime_cuda.py >"$work/tests.log" 2>&1
     grep -E "passed|failed|error|FAILED|Error" "$work/tests.log" | cut -c1-300 | tail -n 25
     ;;

@@ -3,6 +3,9 @@
 Policy (after Triton / TF Serving, avoiding TorchServe's and LitServe's worker-started timer):
 * a worker that is idle takes what is queued at once, so a lone request waits for nothing;
 * while workers are busy, arriving images gather into the next batch (up to ``max_batch_size``);
+* a batch is padded to the smallest compiled bucket that holds it, so when the instances' measured
+  bucket times say a smaller full bucket computes images markedly faster, a worker takes that many
+  and leaves the rest for the next batch (:func:`batch_cuts`);
 * with ``max_queue_delay_s`` > 0 a worker waits for a fuller batch, but never longer than that
   delay *measured from the oldest queued image's arrival*;
 * the queue is bounded in images: a request that does not fit is refused at once (503 with
@@ -15,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +41,27 @@ class _Item:
     computed: tuple[float, float] | None = None  # its batch's (start, end) (statistics)
 
 
+def batch_cuts(bucket_seconds: Mapping[int, float], margin: float = 1.1) -> list[int]:
+    """``cuts[n]``: how many of ``n`` queued images one batch takes (n up to the largest bucket).
+
+    A batch of k images costs one call of the smallest bucket >= k. All n is the rule; the first
+    batch of a split is taken instead when computing the n in several batches takes ``margin``
+    times less time or better. On a 2-core CPU, for instance, 20 queued images go as 16 now and 4
+    next (5.6 + 2.1 ms) rather than padded to 32 (13.4 ms); on a GPU, where a call costs nearly the
+    same at any size, nothing is split. The margin keeps warm-up timing noise from splitting batches.
+    """
+    buckets = sorted(bucket_seconds)
+    call = [0.0] + [bucket_seconds[next(b for b in buckets if b >= k)] for k in range(1, buckets[-1] + 1)]
+    clear = [0.0]  # clear[n]: the least time to compute n queued images
+    cuts = [0]
+    for n in range(1, len(call)):
+        first = min(range(1, n), key=lambda k: (call[k] + clear[n - k], -k), default=n)
+        split_s = call[first] + clear[n - first]
+        cuts.append(first if call[n] > margin * split_s else n)
+        clear.append(min(call[n], split_s))
+    return cuts
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -48,8 +72,10 @@ class DynamicBatcher:
         max_queue_size: int,
         model: str,
         version: int,
+        bucket_seconds: Mapping[int, float] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
+        self.cuts = batch_cuts(bucket_seconds) if bucket_seconds else list(range(max_batch_size + 1))
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._instances = list(instances)
@@ -129,7 +155,8 @@ class DynamicBatcher:
                         break
             batch: list[_Item] = []
             now = time.monotonic()
-            while self._queue and len(batch) < self.max_batch_size:
+            size = self.cuts[min(len(self._queue), self.max_batch_size)]
+            while self._queue and len(batch) < size:
                 if batch and self._queue[0].image.dtype != batch[0].image.dtype:
                     break  # one input kind per batch (uint8 images or normalised float tensors): one tensor
                 item = self._queue.popleft()

@@ -91,7 +91,8 @@ class ServedModel:
             r = self.runners[0]
             info.update(device=str(r.device), precision=str(r.options.dtype).removeprefix("torch."),
                         compiled=r.compiled, compile_mode=r.options.mode if r.compiled else None,
-                        buckets=r.buckets, instances=len(self.runners), warmup_s=self.warmup_s)
+                        buckets=r.buckets, instances=len(self.runners), warmup_s=self.warmup_s,
+                        bucket_ms={b: round(t * 1000, 3) for b, t in r.bucket_seconds.items()})
         info["batching"] = self.batching
         return info
 
@@ -209,7 +210,7 @@ class ModelRegistry:
             max_batch_size=served.batching["max_batch_size"],
             max_queue_delay_s=served.batching["max_queue_delay_ms"] / 1000,
             max_queue_size=served.batching["max_queue_size"],
-            model=served.name, version=served.version,
+            model=served.name, version=served.version, bucket_seconds=runners[0].bucket_seconds,
         )
         if self._loop is None:
             raise RuntimeError("registry used before load_configured() gave it the event loop")
@@ -218,10 +219,11 @@ class ModelRegistry:
         metrics.MODEL_READY.labels(**served.labels).set(1)
         metrics.WARMUP_DURATION.labels(**served.labels).set(served.warmup_s)
         r = runners[0]
-        log.info("%s v%s ready on %s (%s, %s, buckets %s, %d instance(s)): warm-up %.1fs, load %.1fs",
+        log.info("%s v%s ready on %s (%s, %s, %d instance(s)): warm-up %.1fs, load %.1fs; ms per call by bucket %s",
                  served.name, served.version, r.device, str(r.options.dtype).removeprefix("torch."),
-                 f"compiled mode={r.options.mode}" if r.compiled else "eager", r.buckets, len(runners),
-                 served.warmup_s, time.perf_counter() - started)
+                 f"compiled mode={r.options.mode}" if r.compiled else "eager", len(runners),
+                 served.warmup_s, time.perf_counter() - started,
+                 ", ".join(f"{b}: {t * 1000:.2f}" for b, t in r.bucket_seconds.items()))
 
     def _fail(self, served: ServedModel, exc: Exception) -> None:
         served.state, served.reason = State.FAILED, str(exc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import statistics
 import threading
 import time
 from collections import defaultdict
@@ -31,7 +32,7 @@ from igcv2.artifact import Artifact
 from igcv2.networks import Normalized
 
 log = logging.getLogger("igcv2.runtime")
-WARMUP_CALLS = 3
+WARMUP_CALLS = 5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -42,6 +43,19 @@ def buckets_for(max_batch_size: int) -> list[int]:
         sizes.append(size)
         size *= 2
     return [*sizes, max_batch_size]
+
+
+def inductor_options(device: torch.device) -> dict[str, bool]:
+    """Inductor settings for compiling on ``device`` (benchmarks/RESULTS.md, runs E and I).
+
+    On CPU, the C++ wrapper runs a whole graph in one call without the GIL (the default Python
+    wrapper calls each fused kernel holding it), and freezing makes the weights constants of the
+    graph: batch norm folds into the convolutions, oneDNN gets prepacked weights, and the graph no
+    longer takes ~100 parameter tensors per call, each of whose release needed the GIL back, so a
+    forward beside the busy HTTP loop stopped waiting for it ~100 times.
+    """
+    cpu = device.type == "cpu"
+    return {"cpp_wrapper": cpu, "freezing": cpu}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,6 +104,7 @@ class ModelRunner:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}",
                                            initializer=own_cuda_graph_trees)
         self.compiled = False
+        self.bucket_seconds: dict[int, float] = {}  # median seconds of one call per bucket, from warm-up
         module: nn.Module = Normalized(artifact.model, spec.mean, spec.std).eval()
         module = module.to(self.device, options.dtype)
         if self.device.type == "cuda" and options.channels_last:
@@ -143,10 +158,7 @@ class ModelRunner:
             try:
                 torch._dynamo.config.recompile_limit = max(8, 2 * len(self.buckets))
                 self.forward = torch.compile(self.module, mode=self.options.mode, dynamic=False)
-                # On CPU, inductor's default Python wrapper calls each fused C++ kernel holding the GIL,
-                # so the model and the HTTP loop take turns; the C++ wrapper runs the whole graph in one
-                # call without it: +17% saturation throughput for igcv2-fashion on 2 cores.
-                with torch._inductor.config.patch(cpp_wrapper=self.device.type == "cpu"):
+                with torch._inductor.config.patch(**inductor_options(self.device)):
                     self._run_buckets()  # compiles: dynamo compiles lazily, one graph per bucket
                 self.compiled = True
             except Exception:
@@ -160,10 +172,16 @@ class ModelRunner:
         return time.perf_counter() - started
 
     def _run_buckets(self) -> None:
+        """Run every bucket ``WARMUP_CALLS`` times and keep the median time of a call after the
+        first (which compiles) in ``bucket_seconds``: the batcher sizes its batches with it."""
         blank = np.zeros(self.input_shape, np.uint8)
         for b in self.buckets:
+            calls = []
             for _ in range(WARMUP_CALLS):
+                started = time.perf_counter()
                 self.predict([blank] * b)
+                calls.append(time.perf_counter() - started)
+            self.bucket_seconds[b] = statistics.median(calls[1:])
 
     async def infer(self, images: list[np.ndarray]) -> np.ndarray:
         """Run :meth:`predict` (uint8 images) or :meth:`predict_normalized` (float tensors; the

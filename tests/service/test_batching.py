@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batching import DynamicBatcher
+from service.batching import DynamicBatcher, batch_cuts
 from service.errors import DeadlineExceeded, Unavailable
 
 _names = itertools.count()
@@ -122,6 +122,42 @@ def test_requests_gather_into_batches_while_the_worker_is_busy() -> None:
         assert [await task for task in waiting] == [[i] for i in range(1, 11)]
         await batcher.close(5)
         assert model.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+
+    run(main)
+
+
+# Per-call seconds by bucket as measured for igcv2-fashion on the 2-core CPU: 16 is the most efficient.
+CPU_BUCKETS = {1: 1.28e-3, 2: 1.61e-3, 4: 2.07e-3, 8: 3.15e-3, 16: 5.61e-3, 32: 13.38e-3}
+
+
+def test_batch_cuts_split_a_batch_only_when_that_computes_the_queue_markedly_faster() -> None:
+    cuts = batch_cuts(CPU_BUCKETS)
+    assert len(cuts) == 33 and cuts[0] == 0
+    assert cuts[1:9] == list(range(1, 9)), "padding up to the next bucket costs less than another call"
+    assert cuts[9] == 8, "8 now + 1 next (4.4 ms) beats 9 padded to 16 (5.6 ms)"
+    assert all(cuts[n] == 16 for n in range(17, 33)), "17..32 padded to 32 (13.4 ms) vs 16 + the rest"
+    # A GPU (H200, CUDA graphs): a call costs nearly the same at any size, so all queued images go.
+    gpu = {1: 246e-6, 2: 250e-6, 4: 260e-6, 8: 285e-6, 16: 310e-6, 32: 368e-6}
+    assert batch_cuts(gpu) == list(range(33))
+    # Within the margin (warm-up timing noise) nothing is split.
+    assert batch_cuts({1: 1.0, 2: 2.1})[2] == 2 and batch_cuts({1: 1.0, 2: 2.3})[2] == 1
+
+
+def test_a_worker_takes_the_cut_that_the_bucket_times_say() -> None:
+    async def main() -> None:
+        model = Model(gate=asyncio.Event())
+        labels = {"model": f"batching-test-{next(_names)}", "version": "1"}
+        batcher = DynamicBatcher([model], max_batch_size=32, max_queue_delay_s=0.0, max_queue_size=64,
+                                 model=labels["model"], version=1, bucket_seconds=CPU_BUCKETS)
+        batcher.start()
+        first = asyncio.create_task(classify(batcher, 0))
+        await model.started.wait()
+        waiting = asyncio.create_task(classify(batcher, *range(1, 21)))
+        await until(lambda: batcher.depth == 20)
+        model.gate.set()  # type: ignore[union-attr]
+        assert await first == [0] and await waiting == list(range(1, 21))
+        await batcher.close(5)
+        assert [len(b) for b in model.batches] == [1, 16, 4], model.batches
 
     run(main)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from igcv2.artifact import Artifact
 from igcv2.networks import Normalized
@@ -149,10 +151,29 @@ def test_compiled_agrees_with_eager(make_tiny_artifact: MakeArtifact) -> None:
     try:
         assert runner.compiled is True
         assert runner.forward is not runner.module
+        assert sorted(runner.bucket_seconds) == [1, 2] and all(0 < t < 1 for t in runner.bucket_seconds.values())
         for n in (1, 2):
             batch = images(n, seed=40 + n)
             out = runner.executor.submit(runner.predict, batch).result()
             np.testing.assert_allclose(out, eager_logits(artifact, batch), rtol=1e-4, atol=1e-5)
+    finally:
+        runner.close()
+
+
+@pytest.mark.timeout(240)
+def test_cpu_graphs_are_frozen(make_tiny_artifact: MakeArtifact) -> None:
+    """Frozen, batch norm folds into the convolutions and each C++-wrapped graph takes fewer tensors
+    per call than the network has parameters (unfrozen: every parameter and buffer, and releasing
+    each one needed the GIL back, so the forward waited for the busy HTTP loop each time)."""
+    artifact = make_tiny_artifact(seed=6)
+    runner = ModelRunner(artifact, RuntimeOptions(device=CPU, compile=True, max_batch_size=2), name="test")
+    try:
+        _, sources = run_and_get_code(lambda: runner.executor.submit(runner.warmup).result())
+        assert runner.compiled is True
+        found = [re.search(r"steal_from_raw_handles_to_raii_handles\(input_handles, (\d+)\)", s) for s in sources]
+        inputs = [int(f[1]) for f in found if f]
+        assert len(inputs) == 2, "one C++-wrapped graph per bucket"
+        assert max(inputs) < len(list(artifact.model.parameters())), inputs
     finally:
         runner.close()
 
