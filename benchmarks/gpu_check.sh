@@ -83,9 +83,9 @@ torch.cuda.get_device_name(), platform.python_version())"; nproc; } 2>&1 | tee "
   serve)
     bench fashion 65 --model fashion --concurrency 1,4,16,64 --no-batching-concurrency 16 --open-loop-rates 0.5 \
       --open-loop-duration 4
-    bench imagenet-224 90 --model imagenet --photo-size 224x224 --concurrency 1,16,64 --no-batching-concurrency 16 \
+    bench imagenet-224 150 --model imagenet --photo-size 224x224 --concurrency 1,16,64 --no-batching-concurrency 16 \
       --open-loop-rates 0.5 --open-loop-duration 4
-    [ -z "${SKIP_CAMERA:-}" ] && bench imagenet-camera 50 --model imagenet --photo-size 1024x768 --images-per-request 8 --concurrency 1,4,16 \
+    [ -z "${SKIP_CAMERA:-}" ] && bench imagenet-camera 60 --model imagenet --photo-size 1024x768 --images-per-request 8 --concurrency 1,4,16 \
       --no-batching-concurrency 4 --open-loop-rates 0.5 --open-loop-duration 4
     ;;
   *) echo "unknown stage $stage" >&2 ;;
