@@ -85,6 +85,7 @@ class DynamicBatcher:
         self._workers: list[asyncio.Task[None]] = []
         self._labels = {"model": model, "version": str(version)}
         self.stats = InferenceStats()
+        self._rejected_full = metrics.REJECTED.labels(**self._labels, reason="queue_full")  # hot under overload
         metrics.QUEUE_CAPACITY.labels(**self._labels).set(max_queue_size)
         metrics.QUEUE_DEPTH.labels(**self._labels).set(0)
 
@@ -101,7 +102,7 @@ class DynamicBatcher:
         if self._closed:
             raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
         if len(self._queue) + n > self.max_queue_size:
-            metrics.REJECTED.labels(**self._labels, reason="queue_full").inc(n)
+            self._rejected_full.inc(n)
             self.stats.record_failure(0.0)
             waiting = f"{len(self._queue)} of {self.max_queue_size} images waiting"
             raise Unavailable(f"queue full ({waiting}); retry later", 1)

@@ -53,6 +53,7 @@ class RequestMetrics:
         self.default_model = default_model
         # Requests answered before routing (refusals under overload) are many: match each path once.
         self.route_for = functools.lru_cache(maxsize=1024)(self._route_for)
+        self.children: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # bounded like the labels
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,10 +71,13 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, capture)
         finally:
-            endpoint, model = self.labels(scope)
-            labels = {"endpoint": endpoint, "model": model, "code": str(status)}
-            metrics.REQUESTS.labels(**labels).inc()
-            metrics.REQUEST_DURATION.labels(**labels).observe(time.perf_counter() - started)
+            key = (*self.labels(scope), str(status))
+            if (children := self.children.get(key)) is None:  # labels() takes a lock and builds a tuple
+                labels = dict(zip(("endpoint", "model", "code"), key, strict=True))
+                children = self.children[key] = (metrics.REQUESTS.labels(**labels),
+                                                 metrics.REQUEST_DURATION.labels(**labels))
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
 
     def labels(self, scope: Scope) -> tuple[str, str]:
         route, path_params = scope.get("route"), scope.get("path_params") or {}
@@ -83,12 +87,22 @@ class RequestMetrics:
         if "name" in path_params:
             return endpoint, self.model_label(path_params["name"])
         if endpoint == "/classify":
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            return endpoint, self.model_label(query.get("model", [self.default_model])[0])
+            return endpoint, self.model_label(classify_target(scope.get("query_string", b""))[0] or self.default_model)
         return endpoint, ""
 
     def _route_for(self, method: str, path: str, root_path: str) -> tuple[Any, dict[str, Any]]:
         return match_route(self.routes(), {"type": "http", "method": method, "path": path, "root_path": root_path})
+
+
+@functools.lru_cache(maxsize=1024)
+def classify_target(query_string: bytes) -> tuple[str | None, str | None]:
+    """The ``model`` and ``version`` query parameters of a /classify request (None when absent).
+
+    Cached: under overload the same few query strings arrive thousands of times a second, and both
+    the metrics and the shedding layer need them before FastAPI parses the query itself.
+    """
+    query = parse_qs(query_string.decode("latin-1"))
+    return query.get("model", [None])[0], query.get("version", [None])[0]
 
 
 def match_route(routes: list[Any], scope: Scope) -> tuple[Any, dict[str, Any]]:
@@ -232,8 +246,8 @@ class Shedding:
     def target(self, scope: Scope) -> tuple[str, int | None] | None:
         """The (model, version) an inference request addresses, or None."""
         if scope["path"] == "/classify":
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            name, version = query.get("model", [self.default_model])[0], query.get("version", [None])[0]
+            name, version = classify_target(scope.get("query_string", b""))
+            name = name or self.default_model
         elif found := INFER_PATH.fullmatch(scope["path"]):
             name, version = found["name"], found["version"]
         else:
