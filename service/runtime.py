@@ -50,9 +50,9 @@ def inductor_options(device: torch.device) -> dict[str, bool]:
 
     On CPU, the C++ wrapper runs a whole graph in one call without the GIL (the default Python
     wrapper calls each fused kernel holding it), and freezing makes the weights constants of the
-    graph: batch norm folds into the convolutions, oneDNN gets prepacked weights, and the graph no
-    longer takes ~100 parameter tensors per call, each of whose release needed the GIL back, so a
-    forward beside the busy HTTP loop stopped waiting for it ~100 times.
+    graph: batch norm folds into the convolutions, oneDNN gets prepacked weights, and the graph
+    takes half as many tensors per call (48 instead of 110 for igcv2-fashion), each of whose
+    release needs the GIL back. Beside a busy Python thread a batch of 16 took 6.5 ms instead of 22.9.
     """
     cpu = device.type == "cpu"
     return {"cpp_wrapper": cpu, "freezing": cpu}

@@ -255,8 +255,8 @@ def test_draining_refuses_new_work_but_stays_live(client: TestClient) -> None:
     (f"/v2/models/{DEFAULT_MODEL}/versions/1/infer", b""),
 ])
 def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str, query: bytes) -> None:
-    """When not one more image fits, the 503 comes before the body is read or the request routed;
-    what was already queued still completes."""
+    """When not one more image fits, the 503 comes before the body is read or the request enters
+    FastAPI at all; what was already queued still completes."""
     app = create_app(app_settings(store, max_queue_size=2, max_batch_size=1, max_queue_delay_ms=0))
     png = fashion_pngs(1)[0]
     headers = [(b"host", b"test"), (b"content-type", b"image/png"), (b"content-length", str(len(png)).encode())]
@@ -304,6 +304,7 @@ def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str,
 
     assert asyncio.run(scenario()) == [200, 200, 200]
     assert not body_reads, "the refused request's body was read"
+    assert "app" not in scope and "route" not in scope, "the refused request entered FastAPI"
     assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
     assert "queue full (2 of 2 images waiting)" in json.loads(sent[1]["body"])["error"]
 
