@@ -1,7 +1,8 @@
-"""Pure ASGI middleware: request metrics, API-key check, load shedding, body limit, draining.
+"""Pure ASGI layers around FastAPI: request metrics, API-key check, load shedding, body limit, draining.
 
 Pure ASGI (not BaseHTTPMiddleware) so a body is streamed, never buffered, before its limit is
-checked, and so the metrics see every response, errors included.
+checked, and so the metrics see every response, errors included. ``service.app.ServiceApp`` runs
+them before the request enters FastAPI at all.
 """
 
 from __future__ import annotations
@@ -205,13 +206,14 @@ INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-
 
 class Shedding:
     """503 + Retry-After for an inference request whose model's queue is full, before its body is
-    read and before the framework routes it.
+    read and before it enters FastAPI.
 
     Under overload most requests are refused. A refusal that went through FastAPI's routing,
     parameter parsing and body reading cost ~0.3 ms on the event loop that also feeds the model,
     so clients retrying at once (ignoring Retry-After) dragged goodput down with them; here it
-    costs a query-string parse and a dictionary lookup. Anything this cannot resolve (unknown
-    model, bad version) goes on to the routes, which give the precise error.
+    costs a cached query-string lookup and a registry lookup (~0.06 ms with uvicorn's share).
+    Anything this cannot resolve (unknown model, bad version) goes on to the routes, which give
+    the precise error.
     """
 
     def __init__(self, app: ASGIApp, registry: ModelRegistry, default_model: str) -> None:
