@@ -1,25 +1,35 @@
-"""DynamicBatcher: one bounded queue per model version, drained by one worker per model instance.
+"""DynamicBatcher: one bounded queue per model version, drained on each model instance's own thread.
 
 Policy (after Triton / TF Serving, avoiding TorchServe's and LitServe's worker-started timer):
-* a worker that is idle takes what is queued at once, so a lone request waits for nothing;
-* while workers are busy, arriving images gather into the next batch (up to ``max_batch_size``);
+* an instance that is idle takes what is queued at once, so a lone request waits for nothing;
+* while instances are busy, arriving images gather into the next batch (up to ``max_batch_size``);
 * a batch is padded to the smallest compiled bucket that holds it, so when the instances' measured
-  bucket times say a smaller full bucket computes images markedly faster, a worker takes that many
-  and leaves the rest for the next batch (:func:`batch_cuts`);
-* with ``max_queue_delay_s`` > 0 a worker waits for a fuller batch, but never longer than that
+  bucket times say a smaller full bucket computes images markedly faster, an instance takes that
+  many and leaves the rest for the next batch (:func:`batch_cuts`), and when a few more images
+  would fill the bucket it waits for them, no longer than the padding would cost (:func:`fill_waits`);
+* with ``max_queue_delay_s`` > 0 an instance waits for a fuller batch, but never longer than that
   delay *measured from the oldest queued image's arrival*;
 * the queue is bounded in images: a request that does not fit is refused at once (503 with
   Retry-After), nothing blocks; an image whose request deadline has passed is never computed.
+
+Batches are formed on the inference threads, not on the event loop: a thread that finishes a batch
+takes the next one at once, whatever the loop is busy with (a burst of arrivals to parse and decode),
+and hands the results back with one ``call_soon_threadsafe`` per batch. With batches formed by a
+task on the loop, the model waited behind every burst: paced clients at 0.8x the closed-loop
+saturation already saturated the server (p50 236 ms, now 27 ms; benchmarks/RESULTS.md, run K).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,7 +38,14 @@ from service.errors import DeadlineExceeded, Unavailable
 from service.stats import InferenceStats
 
 log = logging.getLogger("igcv2.batching")
-InferFn = Callable[[list[np.ndarray]], Awaitable[np.ndarray]]
+
+
+class Instance(Protocol):
+    """One model instance: :meth:`run` computes a batch, always on ``executor``'s one thread."""
+
+    executor: Executor
+
+    def run(self, inputs: list[np.ndarray]) -> np.ndarray: ...
 
 
 @dataclass(eq=False)
@@ -37,6 +54,7 @@ class _Item:
     deadline: float
     arrival: float = field(default_factory=time.monotonic)
     future: asyncio.Future[np.ndarray] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    abandoned: bool = False  # its request was answered already (deadline): the threads skip it
     started: float = 0.0  # when it left the queue for a batch (statistics)
     computed: tuple[float, float] | None = None  # its batch's (start, end) (statistics)
 
@@ -62,10 +80,28 @@ def batch_cuts(bucket_seconds: Mapping[int, float], margin: float = 1.1) -> list
     return cuts
 
 
+def fill_waits(bucket_seconds: Mapping[int, float], cuts: Sequence[int]) -> list[tuple[float, int]]:
+    """``waits[n]``: (seconds worth waiting for more images, the bucket they would fill) when ``n``
+    queued images would be padded.
+
+    A batch of n padded to bucket b computes n images in b's time; waiting w for the b - n that fill
+    it computes b images in w more. That is no worse per image while w <= t_b * (b - n) / n, so an
+    instance waits that long for arrivals to fill the bucket (never when n fills it or is split by
+    ``cuts``). Without it, an instance that takes whatever is queued the moment it frees up computes
+    12 images padded to 16 while the next 4 are still being read off the network (-14% at c=32).
+    """
+    buckets = sorted(bucket_seconds)
+    waits = [(0.0, 0)]
+    for n in range(1, len(cuts)):
+        b = next(b for b in buckets if b >= n)
+        waits.append((bucket_seconds[b] * (b - n) / n if cuts[n] == n else 0.0, b))
+    return waits
+
+
 class DynamicBatcher:
     def __init__(
         self,
-        instances: Sequence[InferFn],
+        instances: Sequence[Instance],
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
@@ -76,21 +112,29 @@ class DynamicBatcher:
     ) -> None:
         self.max_batch_size = max_batch_size
         self.cuts = batch_cuts(bucket_seconds) if bucket_seconds else list(range(max_batch_size + 1))
+        self.fill_waits = fill_waits(bucket_seconds, self.cuts) if bucket_seconds else [(0.0, 0)] * len(self.cuts)
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._instances = list(instances)
-        self._queue: deque[_Item] = deque()
-        self._changed = asyncio.Condition()
+        self._queue: deque[_Item] = deque()  # guarded by _changed, as are _closed and _in_flight
+        self._changed = threading.Condition(threading.Lock())
+        self._waiting: list[int] = []  # for each waiting instance, the queue depth that ends its wait
         self._closed = False
-        self._workers: list[asyncio.Task[None]] = []
+        self._in_flight: dict[int, list[_Item]] = {}  # batches being computed, by id
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drains: list[Future[None]] = []
         self._labels = {"model": model, "version": str(version)}
         self.stats = InferenceStats()
         self._rejected_full = metrics.REJECTED.labels(**self._labels, reason="queue_full")  # hot under overload
+        self._depth = metrics.QUEUE_DEPTH.labels(**self._labels)
+        self._queue_duration = metrics.QUEUE_DURATION.labels(**self._labels)
         metrics.QUEUE_CAPACITY.labels(**self._labels).set(max_queue_size)
-        metrics.QUEUE_DEPTH.labels(**self._labels).set(0)
+        self._depth.set(0)
 
     def start(self) -> None:
-        self._workers = [asyncio.create_task(self._work(infer)) for infer in self._instances]
+        """Start draining on every instance's thread; call on the event loop that submits."""
+        self._loop = asyncio.get_running_loop()
+        self._drains = [instance.executor.submit(self._drain, instance) for instance in self._instances]
 
     @property
     def depth(self) -> int:
@@ -111,21 +155,24 @@ class DynamicBatcher:
         """Queue ``images`` and wait for their outputs (one array per image), or raise 503/504."""
         self.check_room(len(images))
         items = [_Item(image, deadline) for image in images]
-        async with self._changed:
+        with self._changed:
             self._queue.extend(items)
-            metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
-            self._changed.notify()
+            self._depth.set(len(self._queue))
+            if self._waiting and len(self._queue) >= min(self._waiting):
+                self._changed.notify_all()  # not one: it could be an instance waiting for more
         futures = [item.future for item in items]
         try:
             outputs = await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic()))
         except (TimeoutError, DeadlineExceeded) as exc:
-            for f in futures:
-                f.cancel()
+            for item in items:
+                item.abandoned = True
+                item.future.cancel()
             # Answered 504: the dropped images must not keep holding the bounded queue (or its depth).
-            live = [item for item in self._queue if not item.future.done()]
-            self._queue.clear()
-            self._queue.extend(live)
-            metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
+            with self._changed:
+                live = [item for item in self._queue if not item.abandoned]
+                self._queue.clear()
+                self._queue.extend(live)
+                self._depth.set(len(self._queue))
             uncomputed = sum(1 for f in futures if f.cancelled())
             metrics.REJECTED.labels(**self._labels, reason="deadline").inc(uncomputed)
             self.stats.record_failure(time.monotonic() - items[0].arrival)
@@ -139,79 +186,124 @@ class DynamicBatcher:
                                       sum(end - start for start, end in batches))
         return outputs
 
-    async def _next_batch(self) -> list[_Item] | None:
-        async with self._changed:
+    # ----- on the inference threads -----
+
+    def _drain(self, instance: Instance) -> None:
+        """Compute batch after batch until closed and empty; runs as one long job on the instance's thread."""
+        while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                outputs = instance.run([item.image for item in batch])
+            except Exception as exc:
+                log.exception("inference failed for a batch of %d on %s", len(batch), self._labels)
+                self._post(self._answer, batch, exc)
+                continue
+            elapsed = time.perf_counter() - started
+            metrics.INFERENCE_DURATION.labels(**self._labels).observe(elapsed)
+            metrics.BATCH_SIZE.labels(**self._labels).observe(len(batch))
+            metrics.IMAGES.labels(**self._labels).inc(len(batch))
+            for item in batch:
+                item.computed = (started, started + elapsed)
+            self._post(self._answer, batch, outputs, elapsed)
+
+    def _next_batch(self) -> list[_Item] | None:
+        """The next batch (waiting for one; empty when every queued image had expired or was
+        abandoned), or None once closed and drained."""
+        expired: list[_Item] = []
+        batch: list[_Item] = []
+        with self._changed:
             while not self._queue:
                 if self._closed:
                     return None
-                await self._changed.wait()
+                self._wait(1)
             if self.max_queue_delay_s > 0:
-                while len(self._queue) < self.max_batch_size and not self._closed:
+                while self._queue and len(self._queue) < self.max_batch_size and not self._closed:
                     remaining = self._queue[0].arrival + self.max_queue_delay_s - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 or not self._wait(self.max_batch_size, remaining):
                         break
-                    try:
-                        await asyncio.wait_for(self._changed.wait(), remaining)
-                    except TimeoutError:
-                        break
-            batch: list[_Item] = []
+            looked = time.monotonic()
+            while self._queue and not self._closed:
+                worth, bucket = self.fill_waits[min(len(self._queue), self.max_batch_size)]
+                remaining = looked + worth - time.monotonic()
+                if remaining <= 0 or not self._wait(bucket, remaining):
+                    break
             now = time.monotonic()
             size = self.cuts[min(len(self._queue), self.max_batch_size)]
             while self._queue and len(batch) < size:
                 if batch and self._queue[0].image.dtype != batch[0].image.dtype:
                     break  # one input kind per batch (uint8 images or normalised float tensors): one tensor
                 item = self._queue.popleft()
-                if item.future.done():  # its request already gave up (deadline)
+                if item.abandoned:
                     continue
                 if item.deadline <= now:
-                    item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                    expired.append(item)
                     continue
-                metrics.QUEUE_DURATION.labels(**self._labels).observe(now - item.arrival)
                 item.started = now
                 batch.append(item)
-            metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
-            return batch
+            self._depth.set(len(self._queue))
+            if batch:
+                self._in_flight[id(batch)] = batch
+        for item in batch:
+            self._queue_duration.observe(now - item.arrival)
+        if expired:
+            self._post(self._expire, expired)
+        return batch
 
-    async def _work(self, infer: InferFn) -> None:
-        while (batch := await self._next_batch()) is not None:
-            if not batch:
-                continue
-            started = time.perf_counter()
-            try:
-                outputs = await infer([item.image for item in batch])
-            except asyncio.CancelledError:  # close() timed out: answer this batch rather than leave it hanging
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(Unavailable("shut down before this image was computed", 1))
-                raise
-            except Exception as exc:
-                log.exception("inference failed for a batch of %d on %s", len(batch), self._labels)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            elapsed = time.perf_counter() - started
-            metrics.INFERENCE_DURATION.labels(**self._labels).observe(elapsed)
-            metrics.BATCH_SIZE.labels(**self._labels).observe(len(batch))
-            metrics.IMAGES.labels(**self._labels).inc(len(batch))
-            self.stats.record_batch(len(batch), elapsed)
-            span = (started, started + elapsed)
-            for item, output in zip(batch, outputs, strict=True):
-                item.computed = span
+    def _wait(self, depth: int, timeout: float | None = None) -> bool:
+        """Wait, holding ``_changed``, until the queue holds ``depth`` images or close(); False on
+        timeout. Arrivals that leave the queue short of every waiter's depth wake no thread."""
+        self._waiting.append(depth)
+        try:
+            return self._changed.wait(timeout)
+        finally:
+            self._waiting.remove(depth)
+
+    def _post(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` on the event loop (futures belong to it)."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is left waiting
+            log.warning("event loop closed before a batch of %s was answered", self._labels)
+
+    # ----- on the event loop -----
+
+    def _answer(self, batch: list[_Item], outputs: np.ndarray | Exception, elapsed: float = 0.0) -> None:
+        with self._changed:
+            self._in_flight.pop(id(batch), None)
+        if isinstance(outputs, Exception):
+            for item in batch:
                 if not item.future.done():
-                    item.future.set_result(output)
+                    item.future.set_exception(outputs)
+            return
+        self.stats.record_batch(len(batch), elapsed)
+        for item, output in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
+
+    @staticmethod
+    def _expire(items: list[_Item]) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
 
     async def close(self, timeout: float) -> None:
-        """Stop taking requests, finish what is queued (up to ``timeout``), stop the workers."""
-        async with self._changed:
+        """Stop taking requests, finish what is queued (up to ``timeout``), stop draining."""
+        with self._changed:
             self._closed = True
             self._changed.notify_all()
-        if self._workers:
-            _, pending = await asyncio.wait(self._workers, timeout=timeout)
-            for task in pending:
-                task.cancel()
-        for item in self._queue:
+        if self._drains:
+            _, stuck = await asyncio.wait([asyncio.wrap_future(f) for f in self._drains], timeout=timeout)
+            if stuck:
+                log.warning("%d instance(s) of %s still computing after %.1fs; answering 503",
+                            len(stuck), self._labels, timeout)
+        with self._changed:
+            unanswered = [*self._queue, *(item for batch in self._in_flight.values() for item in batch)]
+            self._queue.clear()
+            self._in_flight.clear()
+            self._depth.set(0)
+        for item in unanswered:
             if not item.future.done():
                 item.future.set_exception(Unavailable("shut down before this image was computed", 1))
-        self._queue.clear()
-        metrics.QUEUE_DEPTH.labels(**self._labels).set(0)

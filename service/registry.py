@@ -206,7 +206,7 @@ class ModelRegistry:
         served.warmup_s = max(f.result() for f in warmups)
         served.runners = runners
         served.batcher = DynamicBatcher(
-            [r.infer for r in runners],
+            runners,
             max_batch_size=served.batching["max_batch_size"],
             max_queue_delay_s=served.batching["max_queue_delay_ms"] / 1000,
             max_queue_size=served.batching["max_queue_size"],

@@ -13,7 +13,6 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import statistics
@@ -183,11 +182,10 @@ class ModelRunner:
                 calls.append(time.perf_counter() - started)
             self.bucket_seconds[b] = statistics.median(calls[1:])
 
-    async def infer(self, images: list[np.ndarray]) -> np.ndarray:
-        """Run :meth:`predict` (uint8 images) or :meth:`predict_normalized` (float tensors; the
-        batcher never mixes the two) on this instance's thread without blocking the event loop."""
-        predict = self.predict if images[0].dtype == np.uint8 else self.predict_normalized
-        return await asyncio.get_running_loop().run_in_executor(self.executor, predict, images)
+    def run(self, inputs: list[np.ndarray]) -> np.ndarray:
+        """:meth:`predict` for uint8 images, :meth:`predict_normalized` for float tensors (the
+        batcher never mixes the two); call on ``self.executor``."""
+        return self.predict(inputs) if inputs[0].dtype == np.uint8 else self.predict_normalized(inputs)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)

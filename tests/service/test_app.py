@@ -12,7 +12,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -278,7 +278,11 @@ def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str,
             served = app.state.registry.resolve(DEFAULT_MODEL)
             release = threading.Event()
             for runner in served.runners:  # hold the model: one request computing, two queued fill the queue
-                runner.executor.submit(release.wait, 30)
+                def held(inputs: list[Any], run: Callable[[list[Any]], Any] = runner.run) -> Any:
+                    release.wait(30)
+                    return run(inputs)
+
+                runner.run = held  # type: ignore[method-assign]
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 def post() -> asyncio.Future[httpx.Response]:

@@ -1,18 +1,21 @@
-"""DynamicBatcher against a real (small, numpy) inference coroutine: dispatch policy, bounds, deadlines, shutdown."""
+"""DynamicBatcher against a real (small, numpy) inference function on its own thread: dispatch policy,
+bounds, deadlines, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batching import DynamicBatcher, batch_cuts
+from service.batching import DynamicBatcher, batch_cuts, fill_waits
 from service.errors import DeadlineExceeded, Unavailable
 
 _names = itertools.count()
@@ -27,25 +30,25 @@ def image(ident: int) -> np.ndarray:
 class Model:
     """A real inference function: numpy per-image statistics, with knobs to make it slow or fail.
 
-    ``gate``: when set, the first call waits for it (the worker is busy until the test opens it).
+    ``gate``: when set, the first call waits for it (the instance is busy until the test opens it).
     """
 
     compute_s: float = 0.0
-    gate: asyncio.Event | None = None
+    gate: threading.Event | None = None
     poison: int | None = None
     batches: list[list[int]] = field(default_factory=list)
     dispatched_at: list[float] = field(default_factory=list)
-    started: asyncio.Event = field(default_factory=asyncio.Event)
+    started: threading.Event = field(default_factory=threading.Event)
 
-    async def __call__(self, images: list[np.ndarray]) -> np.ndarray:
+    def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         self.dispatched_at.append(time.monotonic())
         ids = [int(img[0, 0, 0]) for img in images]
         self.batches.append(ids)
         self.started.set()
         if self.gate is not None and len(self.batches) == 1:
-            await self.gate.wait()
+            assert self.gate.wait(30), "the test never opened the gate"
         if self.compute_s:
-            await asyncio.sleep(self.compute_s)
+            time.sleep(self.compute_s)
         if self.poison is not None and self.poison in ids:
             raise ValueError(f"cannot classify image {self.poison}")
         stacked = np.stack(images).astype(np.float32)
@@ -56,11 +59,22 @@ class Model:
         return {i for batch in self.batches for i in batch}
 
 
+@dataclass(eq=False)
+class Instance:
+    """``model`` on a thread of its own, as the batcher sees a ModelRunner."""
+
+    model: Model
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "test-instance"))
+
+    def run(self, inputs: list[np.ndarray]) -> np.ndarray:
+        return self.model(inputs)
+
+
 def make(model: Model, *, max_batch_size: int = 4, delay_s: float = 0.0, queue: int = 64,
          instances: int = 1) -> tuple[DynamicBatcher, dict[str, str]]:
     labels = {"model": f"batching-test-{next(_names)}", "version": "1"}
-    batcher = DynamicBatcher([model] * instances, max_batch_size=max_batch_size, max_queue_delay_s=delay_s,
-                             max_queue_size=queue, model=labels["model"], version=1)
+    batcher = DynamicBatcher([Instance(model) for _ in range(instances)], max_batch_size=max_batch_size,
+                             max_queue_delay_s=delay_s, max_queue_size=queue, model=labels["model"], version=1)
     batcher.start()
     return batcher, labels
 
@@ -93,7 +107,7 @@ def run(coroutine: Callable[[], Awaitable[None]]) -> None:
 
 # ----- dispatch policy -----
 
-def test_lone_request_on_an_idle_worker_is_dispatched_at_once() -> None:
+def test_lone_request_on_an_idle_instance_is_dispatched_at_once() -> None:
     async def main() -> None:
         model = Model()
         batcher, _ = make(model)
@@ -109,12 +123,12 @@ def test_lone_request_on_an_idle_worker_is_dispatched_at_once() -> None:
     run(main)
 
 
-def test_requests_gather_into_batches_while_the_worker_is_busy() -> None:
+def test_requests_gather_into_batches_while_the_instance_is_busy() -> None:
     async def main() -> None:
-        model = Model(gate=asyncio.Event())
+        model = Model(gate=threading.Event())
         batcher, _ = make(model, max_batch_size=4)
         first = asyncio.create_task(classify(batcher, 0))
-        await model.started.wait()
+        await until(model.started.is_set)
         waiting = [asyncio.create_task(classify(batcher, i)) for i in range(1, 11)]
         await until(lambda: batcher.depth == 10)
         model.gate.set()  # type: ignore[union-attr]
@@ -122,6 +136,25 @@ def test_requests_gather_into_batches_while_the_worker_is_busy() -> None:
         assert [await task for task in waiting] == [[i] for i in range(1, 11)]
         await batcher.close(5)
         assert model.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+
+    run(main)
+
+
+def test_the_next_batch_starts_while_the_event_loop_is_busy() -> None:
+    """Batches are formed on the inference thread: when a batch ends, the next one starts at once even
+    while the event loop is held up (parsing and decoding a burst of arrivals, here a blocking sleep)."""
+    async def main() -> None:
+        model = Model(gate=threading.Event())
+        batcher, _ = make(model, max_batch_size=4)
+        first = asyncio.create_task(classify(batcher, 0))
+        await until(model.started.is_set)
+        waiting = asyncio.create_task(classify(batcher, 1, 2, 3))
+        await until(lambda: batcher.depth == 3)
+        model.gate.set()  # type: ignore[union-attr]
+        time.sleep(0.2)  # the loop is busy: nothing of the batcher's can run on it
+        assert model.batches == [[0], [1, 2, 3]], "the second batch waited for the event loop"
+        assert await first == [0] and await waiting == [1, 2, 3]
+        await batcher.close(5)
 
     run(main)
 
@@ -143,21 +176,56 @@ def test_batch_cuts_split_a_batch_only_when_that_computes_the_queue_markedly_fas
     assert batch_cuts({1: 1.0, 2: 2.1})[2] == 2 and batch_cuts({1: 1.0, 2: 2.3})[2] == 1
 
 
-def test_a_worker_takes_the_cut_that_the_bucket_times_say() -> None:
+def test_an_instance_takes_the_cut_that_the_bucket_times_say() -> None:
     async def main() -> None:
-        model = Model(gate=asyncio.Event())
+        model = Model(gate=threading.Event())
         labels = {"model": f"batching-test-{next(_names)}", "version": "1"}
-        batcher = DynamicBatcher([model], max_batch_size=32, max_queue_delay_s=0.0, max_queue_size=64,
+        batcher = DynamicBatcher([Instance(model)], max_batch_size=32, max_queue_delay_s=0.0, max_queue_size=64,
                                  model=labels["model"], version=1, bucket_seconds=CPU_BUCKETS)
         batcher.start()
         first = asyncio.create_task(classify(batcher, 0))
-        await model.started.wait()
+        await until(model.started.is_set)
         waiting = asyncio.create_task(classify(batcher, *range(1, 21)))
         await until(lambda: batcher.depth == 20)
         model.gate.set()  # type: ignore[union-attr]
         assert await first == [0] and await waiting == list(range(1, 21))
         await batcher.close(5)
         assert [len(b) for b in model.batches] == [1, 16, 4], model.batches
+
+    run(main)
+
+
+def test_fill_waits_are_worth_no_more_than_the_padding_costs() -> None:
+    cuts = batch_cuts(CPU_BUCKETS)
+    waits = fill_waits(CPU_BUCKETS, cuts)
+    assert waits[12] == pytest.approx((CPU_BUCKETS[16] * 4 / 12, 16)), "12 padded to 16: wait up to 1.87 ms for 4"
+    assert waits[3] == pytest.approx((CPU_BUCKETS[4] / 3, 4))
+    assert all(waits[b][0] == 0 for b in CPU_BUCKETS), "a full bucket goes at once"
+    assert all(waits[n][0] == 0 for n in range(17, 33)), "split (16 now): nothing to wait for"
+    assert waits[9][0] == 0, "9 goes as 8 + 1"
+
+
+def test_an_instance_waits_briefly_for_images_that_fill_its_bucket() -> None:
+    """3 queued with bucket 4 next: worth waiting t_4 / 3 = 0.1 s for a 4th, and no longer."""
+    async def main() -> None:
+        model = Model(gate=threading.Event())
+        labels = {"model": f"batching-test-{next(_names)}", "version": "1"}
+        batcher = DynamicBatcher([Instance(model)], max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=64,
+                                 model=labels["model"], version=1, bucket_seconds={1: 0.1, 2: 0.19, 4: 0.3})
+        batcher.start()
+        first = asyncio.create_task(classify(batcher, 0))
+        await until(model.started.is_set)
+        three = asyncio.create_task(classify(batcher, 1, 2, 3))
+        await until(lambda: batcher.depth == 3)
+        model.gate.set()  # type: ignore[union-attr]
+        await asyncio.sleep(0.03)
+        assert await classify(batcher, 4) == [4] and await three == [1, 2, 3] and await first == [0]
+        released = time.monotonic()
+        assert await classify(batcher, 5, 6, 7) == [5, 6, 7]  # nobody fills this one
+        waited = model.dispatched_at[-1] - released
+        await batcher.close(5)
+        assert model.batches == [[0], [1, 2, 3, 4], [5, 6, 7]]
+        assert 0.09 <= waited < 0.2, f"dispatched after {waited:.3f}s; worth waiting 0.1s"
 
     run(main)
 
@@ -221,14 +289,14 @@ def test_queue_delay_timer_starts_at_the_oldest_arrival_not_at_later_ones() -> N
     run(main)
 
 
-def test_queue_delay_counts_time_spent_waiting_for_a_busy_worker() -> None:
-    """An image that already waited longer than the delay while the worker was busy leaves at once
-    when the worker frees up (TorchServe/LitServe would start the timer only then)."""
+def test_queue_delay_counts_time_spent_waiting_for_a_busy_instance() -> None:
+    """An image that already waited longer than the delay while the instance was busy leaves at once
+    when the instance frees up (TorchServe/LitServe would start the timer only then)."""
     async def main() -> None:
-        model = Model(gate=asyncio.Event())
+        model = Model(gate=threading.Event())
         batcher, _ = make(model, max_batch_size=8, delay_s=0.08)
         first = asyncio.create_task(classify(batcher, 0))
-        await model.started.wait()
+        await until(model.started.is_set)
         queued_at = time.monotonic()
         second = asyncio.create_task(classify(batcher, 1))
         await asyncio.sleep(0.15)  # longer than the delay
@@ -236,7 +304,7 @@ def test_queue_delay_counts_time_spent_waiting_for_a_busy_worker() -> None:
         model.gate.set()  # type: ignore[union-attr]
         assert await first == [0] and await second == [1]
         await batcher.close(5)
-        assert model.dispatched_at[1] - released_at < 0.04, "waited a second delay after the worker freed up"
+        assert model.dispatched_at[1] - released_at < 0.04, "waited a second delay after the instance freed up"
         assert model.dispatched_at[1] - queued_at < 0.08 + 0.15
 
     run(main)
@@ -258,10 +326,10 @@ def test_a_full_batch_does_not_wait_for_the_delay() -> None:
 
 def test_full_queue_refuses_at_once_with_retry_after() -> None:
     async def main() -> None:
-        model = Model(gate=asyncio.Event())
+        model = Model(gate=threading.Event())
         batcher, labels = make(model, max_batch_size=8, queue=3)
         first = asyncio.create_task(classify(batcher, 0))
-        await model.started.wait()
+        await until(model.started.is_set)
         queued = [asyncio.create_task(classify(batcher, i)) for i in (1, 2)]
         await until(lambda: batcher.depth == 2)
         rejected_before = metric("igcv2_rejected_images_total", labels, reason="queue_full")
@@ -302,11 +370,11 @@ def test_request_larger_than_the_queue_is_refused() -> None:
 
 def test_deadline_passing_in_the_queue_is_504_and_never_computed() -> None:
     async def main() -> None:
-        model = Model(gate=asyncio.Event())
+        model = Model(gate=threading.Event())
         batcher, labels = make(model, max_batch_size=8, queue=2)
         before = metric("igcv2_rejected_images_total", labels, reason="deadline")
         first = asyncio.create_task(classify(batcher, 0))
-        await model.started.wait()
+        await until(model.started.is_set)
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded) as info:
             await classify(batcher, 41, 42, timeout=0.05)
@@ -341,10 +409,10 @@ def test_already_expired_request_is_never_computed() -> None:
 
 def test_only_the_expired_request_of_a_batch_is_dropped() -> None:
     async def main() -> None:
-        model = Model(gate=asyncio.Event())
+        model = Model(gate=threading.Event())
         batcher, _ = make(model, max_batch_size=8)
         first = asyncio.create_task(classify(batcher, 0))
-        await model.started.wait()
+        await until(model.started.is_set)
         short = asyncio.create_task(classify(batcher, 50, timeout=0.03))
         long = asyncio.create_task(classify(batcher, 60, timeout=30))
         with pytest.raises(DeadlineExceeded):
@@ -361,10 +429,10 @@ def test_only_the_expired_request_of_a_batch_is_dropped() -> None:
 
 def test_inference_error_fails_only_its_batch() -> None:
     async def main() -> None:
-        model = Model(gate=asyncio.Event(), poison=13)
+        model = Model(gate=threading.Event(), poison=13)
         batcher, _ = make(model, max_batch_size=8)
         first = asyncio.create_task(classify(batcher, 0))
-        await model.started.wait()
+        await until(model.started.is_set)
         poisoned = asyncio.create_task(classify(batcher, 13))
         neighbour = asyncio.create_task(classify(batcher, 14))
         await until(lambda: batcher.depth == 2)
@@ -382,10 +450,10 @@ def test_inference_error_fails_only_its_batch() -> None:
 
 def test_close_finishes_queued_work_then_stops() -> None:
     async def main() -> None:
-        model = Model(gate=asyncio.Event())
+        model = Model(gate=threading.Event())
         batcher, labels = make(model, max_batch_size=2)
         first = asyncio.create_task(classify(batcher, 0))
-        await model.started.wait()
+        await until(model.started.is_set)
         queued = [asyncio.create_task(classify(batcher, i)) for i in (1, 2, 3)]
         await until(lambda: batcher.depth == 3)
         closing = asyncio.create_task(batcher.close(10))
@@ -395,7 +463,7 @@ def test_close_finishes_queued_work_then_stops() -> None:
         model.gate.set()  # type: ignore[union-attr]
         await closing
         assert await first == [0] and [await t for t in queued] == [[1], [2], [3]]
-        assert all(w.done() for w in batcher._workers)
+        assert all(drain.done() for drain in batcher._drains)
         assert batcher.depth == 0 and metric("igcv2_queue_depth", labels) == 0
         assert 99 not in model.seen
 
@@ -403,18 +471,19 @@ def test_close_finishes_queued_work_then_stops() -> None:
 
 
 def test_close_timeout_answers_every_waiting_request() -> None:
-    """A worker stuck past the shutdown timeout: queued and in-flight requests get 503, none hangs."""
+    """An instance stuck past the shutdown timeout: queued and in-flight requests get 503, none hangs."""
     async def main() -> None:
-        model = Model(gate=asyncio.Event())  # never opened
+        model = Model(gate=threading.Event())  # never opened
         batcher, _ = make(model, max_batch_size=1)
         in_flight = asyncio.create_task(classify(batcher, 0, timeout=30))
-        await model.started.wait()
+        await until(model.started.is_set)
         queued = asyncio.create_task(classify(batcher, 1, timeout=30))
         await until(lambda: batcher.depth == 1)
         await batcher.close(0.05)
         for task in (in_flight, queued):
             with pytest.raises(Unavailable):
                 await asyncio.wait_for(task, 2.0)
+        model.gate.set()  # type: ignore[union-attr]  # let the thread go
 
     run(main)
 
@@ -423,12 +492,12 @@ def test_close_timeout_answers_every_waiting_request() -> None:
 
 def test_metrics_follow_the_queue_and_the_batches() -> None:
     async def main() -> None:
-        model = Model(gate=asyncio.Event())
+        model = Model(gate=threading.Event())
         batcher, labels = make(model, max_batch_size=4, queue=10)
         assert metric("igcv2_queue_capacity", labels) == 10
         assert metric("igcv2_queue_depth", labels) == 0
         first = asyncio.create_task(classify(batcher, 0))
-        await model.started.wait()
+        await until(model.started.is_set)
         assert metric("igcv2_queue_depth", labels) == 0
         queued = asyncio.create_task(classify(batcher, 1, 2, 3))
         await until(lambda: batcher.depth == 3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import threading
@@ -118,19 +117,15 @@ def test_infer_runs_on_the_instance_thread(eager_runner: tuple[Artifact, ModelRu
         seen.append(threading.current_thread().name)
         return forward(batch)
 
-    async def main() -> tuple[np.ndarray, str]:
-        loop_thread = threading.current_thread().name
-        return await runner.infer(images(3, seed=30)), loop_thread
-
     runner.forward = recording  # type: ignore[assignment]
     try:
-        out, loop_thread = asyncio.run(main())
-        asyncio.run(main())
+        out = runner.executor.submit(runner.run, images(3, seed=30)).result()
+        runner.executor.submit(runner.run, images(3, seed=30)).result()
     finally:
         runner.forward = forward
     np.testing.assert_allclose(out, eager_logits(artifact, images(3, seed=30)), rtol=0, atol=1e-5)
     assert len(seen) == 2 and len(set(seen)) == 1, "every call must run on the same single thread"
-    assert seen[0].startswith("infer-test") and seen[0] != loop_thread
+    assert seen[0].startswith("infer-test") and seen[0] != threading.current_thread().name
 
 
 def test_three_channel_model(make_tiny_artifact: MakeArtifact) -> None:

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -141,11 +142,12 @@ def test_concurrent_requests_get_their_own_answers(
     async def scenario() -> tuple[list[np.ndarray], list[int]]:
         sizes: list[int] = []
 
-        async def counting(batch: list[np.ndarray]) -> np.ndarray:
+        def counting(batch: list[np.ndarray]) -> np.ndarray:
             sizes.append(len(batch))
-            return await runner.infer(batch)
+            return runner.run(batch)
 
-        batcher = DynamicBatcher([counting], max_batch_size=MAX_BATCH, max_queue_delay_s=0.0,
+        instance = SimpleNamespace(executor=runner.executor, run=counting)
+        batcher = DynamicBatcher([instance], max_batch_size=MAX_BATCH, max_queue_delay_s=0.0,
                                  max_queue_size=len(images), model="cuda-test", version=1)
         batcher.start()
         deadline = time.monotonic() + 60

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -38,10 +40,7 @@ def test_normalized_entry_point_equals_the_uint8_path(make_tiny_artifact: Any) -
         from_float = runner.executor.submit(runner.predict_normalized, list(tensors)).result()
         np.testing.assert_allclose(from_float, from_uint8, rtol=1e-5, atol=1e-5)
 
-        async def both() -> tuple[np.ndarray, np.ndarray]:  # infer() picks the entry point by dtype
-            return await runner.infer(list(images)), await runner.infer(list(tensors))
-
-        a, b = asyncio.run(both())
+        a, b = (runner.executor.submit(runner.run, list(x)).result() for x in (images, tensors))  # run() picks by dtype
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match=r"allowed 1\.\.4"):
             runner.predict_normalized(list(np.repeat(tensors, 2, axis=0)))
@@ -52,13 +51,15 @@ def test_normalized_entry_point_equals_the_uint8_path(make_tiny_artifact: Any) -
 def test_batches_hold_one_input_kind_and_statistics_count_them() -> None:
     seen: list[list[np.dtype]] = []
 
-    async def infer(items: list[np.ndarray]) -> np.ndarray:
+    def infer(items: list[np.ndarray]) -> np.ndarray:
         seen.append([x.dtype for x in items])
-        await asyncio.sleep(0.01)
+        time.sleep(0.01)
         return np.stack([np.full(3, float(x.ravel()[0])) for x in items])
 
+    instance = SimpleNamespace(executor=ThreadPoolExecutor(1), run=infer)
+
     async def scenario() -> DynamicBatcher:
-        batcher = DynamicBatcher([infer], max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=16,
+        batcher = DynamicBatcher([instance], max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=16,
                                  model="kinds", version=1)
         batcher.start()
         deadline = time.monotonic() + 10
