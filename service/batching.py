@@ -125,9 +125,13 @@ class DynamicBatcher:
         self._drains: list[Future[None]] = []
         self._labels = {"model": model, "version": str(version)}
         self.stats = InferenceStats()
-        self._rejected_full = metrics.REJECTED.labels(**self._labels, reason="queue_full")  # hot under overload
+        # Metric children looked up once: labels() takes a lock and builds a key on every call.
+        self._rejected_full = metrics.REJECTED.labels(**self._labels, reason="queue_full")
         self._depth = metrics.QUEUE_DEPTH.labels(**self._labels)
         self._queue_duration = metrics.QUEUE_DURATION.labels(**self._labels)
+        self._inference_duration = metrics.INFERENCE_DURATION.labels(**self._labels)
+        self._batch_size = metrics.BATCH_SIZE.labels(**self._labels)
+        self._images = metrics.IMAGES.labels(**self._labels)
         metrics.QUEUE_CAPACITY.labels(**self._labels).set(max_queue_size)
         self._depth.set(0)
 
@@ -201,9 +205,9 @@ class DynamicBatcher:
                 self._post(self._answer, batch, exc)
                 continue
             elapsed = time.perf_counter() - started
-            metrics.INFERENCE_DURATION.labels(**self._labels).observe(elapsed)
-            metrics.BATCH_SIZE.labels(**self._labels).observe(len(batch))
-            metrics.IMAGES.labels(**self._labels).inc(len(batch))
+            self._inference_duration.observe(elapsed)
+            self._batch_size.observe(len(batch))
+            self._images.inc(len(batch))
             for item in batch:
                 item.computed = (started, started + elapsed)
             self._post(self._answer, batch, outputs, elapsed)

@@ -108,7 +108,7 @@ def test_batch_outside_buckets_is_refused(eager_runner: tuple[Artifact, ModelRun
         runner.predict(images(n))
 
 
-def test_infer_runs_on_the_instance_thread(eager_runner: tuple[Artifact, ModelRunner]) -> None:
+def test_run_computes_on_the_instance_thread(eager_runner: tuple[Artifact, ModelRunner]) -> None:
     artifact, runner = eager_runner
     seen: list[str] = []
     forward = runner.forward
