@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 
@@ -68,13 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     # A compiled forward releases and retakes the GIL dozens of times; each time the busy event loop may
     # keep it for a whole switch interval. CPython's 5 ms cost 28% of saturation (benchmarks/RESULTS.md).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
         log_level=settings.log_level, access_log=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # int seconds; never round 0.5 down to 0
     )
-    Server(config).run()
-    return 0
+    try:
+        Server(config).run()
+        code = 0
+    except SystemExit as exc:  # how uvicorn ends when it cannot start, e.g. when its port is taken
+        code = exc.code if isinstance(exc.code, int) else 1
+    if loading := app.state.registry.loading():
+        # A compilation cannot be interrupted and nothing waits for its model: exit now. A normal exit
+        # would wait for it (executor threads are joined at exit; a minute on 2 cores) and then abort
+        # the process, a C++ thread torn down under it ("terminate called", SIGABRT).
+        logging.getLogger("igcv2").warning("exiting while %s still loading: abandoned", ", ".join(loading))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -256,6 +256,10 @@ class ModelRegistry:
     def all(self) -> list[ServedModel]:
         return [self._models[k] for k in sorted(self._models)]
 
+    def loading(self) -> list[str]:
+        """The versions still being loaded, compiled or warmed up (``name vN``)."""
+        return [f"{m.name} v{m.version}" for m in self.all() if m.state is State.LOADING]
+
     def is_ready(self) -> bool:
         return self.started and all(
             (k in self._models and self._models[k].state is State.READY) for k in self._configured

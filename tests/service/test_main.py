@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from live_server import free_port
+from uvicorn.config import STARTUP_FAILURE
 
 from service.__main__ import main, settings_help
 from service.config import Settings, env_name
@@ -94,3 +99,41 @@ def test_the_gil_switch_interval_is_set_before_serving(monkeypatch: pytest.Monke
     finally:
         sys.setswitchinterval(original)
     assert seen == [pytest.approx(0.0025)]
+
+
+def test_a_taken_port_exits_at_once_while_the_model_still_compiles() -> None:
+    """uvicorn gives up when it cannot bind; the model loader is compiling then. The process must
+    end with uvicorn's startup-failure code and message, not wait for the compile and abort
+    (SIGABRT) after it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        started = time.monotonic()
+        result = run_service([], {"IGCV2_PORT": str(taken.getsockname()[1])}, ROOT)
+    assert result.returncode == STARTUP_FAILURE, result.stderr[-2000:]
+    assert "address already in use" in result.stderr
+    assert "igcv2-fashion v1 still loading: abandoned" in result.stderr
+    assert "terminate called" not in result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_sigterm_during_warm_up_exits_0_without_waiting_for_the_compile() -> None:
+    """A container stopped while it warms up (a rolling update) stops at once, with success."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IGCV2_")}
+    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, text=True, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, env={**clean, "IGCV2_PORT": str(free_port())})
+    assert process.stderr is not None
+    try:
+        for line in process.stderr:  # uvicorn serves health probes while the model loads in a thread
+            if "Uvicorn running on" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        rest = process.stderr.read()
+        code = process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert code == 0, rest[-2000:]
+    assert "still loading: abandoned" in rest
+    assert "terminate called" not in rest
+    assert time.monotonic() - stopped < 15
