@@ -39,12 +39,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             target=registry.load_configured, args=(asyncio.get_running_loop(),), name="model-loader", daemon=True
         )
         loader.start()
-        yield
-        app.state.draining = True
-        log.info("shutting down: finishing queued work")
-        await registry.close()
-        engine.close()
-        log.info("shutdown complete")
+        try:
+            yield
+        finally:  # also when the lifespan is left by an exception (in-process use): no thread left waiting
+            app.state.draining = True
+            log.info("shutting down: finishing queued work")
+            await registry.close()
+            engine.close()
+            log.info("shutdown complete")
 
     def gate(inner: ASGIApp) -> ASGIApp:
         """The service's own layers, outermost first (see :class:`ServiceApp`)."""

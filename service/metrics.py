@@ -31,6 +31,10 @@ REQUEST_DURATION = Histogram(
     "igcv2_request_duration_seconds", "End-to-end request latency inside the server.",
     ["endpoint", "model", "code"], buckets=LATENCY_BUCKETS,
 )
+IN_PROGRESS = Gauge(
+    "igcv2_requests_in_progress",
+    "HTTP requests received and not yet answered, at any stage (health probes and scrapes not counted).",
+)
 IMAGES = Counter("igcv2_images", "Images classified (computed and answered).", ["model", "version"])
 PREPROCESS_DURATION = Histogram(
     "igcv2_preprocess_duration_seconds", "Decode + resize time per image.", ["model"], buckets=LATENCY_BUCKETS,

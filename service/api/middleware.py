@@ -39,7 +39,9 @@ async def send_error(send: Send, status: int, message: str, headers: dict[str, s
 
 
 class RequestMetrics:
-    """Counts and times every HTTP response by route template, model and status code.
+    """Counts and times every HTTP response by route template, model and status code, and counts
+    the requests in progress (a short batch queue beside many requests in progress says the event
+    loop, not the model, is what they wait for).
 
     Labels stay bounded: the endpoint is the matched route's template (routes are matched here
     too, so a request refused before routing, e.g. a 413 on its body, still gets its route), and
@@ -62,6 +64,9 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        counted = not scope["path"].startswith(OPEN_PATHS)
+        if counted:
+            metrics.IN_PROGRESS.inc()
 
         async def capture(message: Message) -> None:
             nonlocal status
@@ -72,6 +77,8 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, capture)
         finally:
+            if counted:
+                metrics.IN_PROGRESS.dec()
             key = (*self.labels(scope), str(status))
             if (children := self.children.get(key)) is None:  # labels() takes a lock and builds a tuple
                 labels = dict(zip(("endpoint", "model", "code"), key, strict=True))

@@ -53,6 +53,18 @@ async def running(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+def hold_model(app: FastAPI) -> threading.Event:
+    """Make the default model's instances wait, before each batch, until the returned event is set."""
+    release = threading.Event()
+    for runner in app.state.registry.resolve(DEFAULT_MODEL).runners:
+        def held(inputs: list[Any], run: Callable[[list[Any]], Any] = runner.run) -> Any:
+            release.wait(30)
+            return run(inputs)
+
+        runner.run = held  # type: ignore[method-assign]
+    return release
+
+
 def wait_ready(client: TestClient) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while client.get("/health/ready").status_code != 200:
@@ -276,13 +288,7 @@ def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str,
     async def scenario() -> list[int]:
         async with running(app):
             served = app.state.registry.resolve(DEFAULT_MODEL)
-            release = threading.Event()
-            for runner in served.runners:  # hold the model: one request computing, two queued fill the queue
-                def held(inputs: list[Any], run: Callable[[list[Any]], Any] = runner.run) -> Any:
-                    release.wait(30)
-                    return run(inputs)
-
-                runner.run = held  # type: ignore[method-assign]
+            release = hold_model(app)  # one request computing, two queued fill the queue
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 def post() -> asyncio.Future[httpx.Response]:
@@ -361,6 +367,44 @@ def test_metrics_count_answers_by_route_template_model_and_code(client: TestClie
     assert stranger not in text, "a client-chosen name became a label value"
     assert re.search(r'^igcv2_images_total\{model="igcv2-fashion",version="\d+"\} [1-9]', text, re.M)
     assert re.search(r'^igcv2_preprocess_duration_seconds_count\{model="igcv2-fashion"\} [1-9]', text, re.M)
+
+
+def test_requests_in_progress_count_every_stage_but_not_probes_or_scrapes(store: Path) -> None:
+    """Two requests held at the model count 2, whatever the probes and scrapes meanwhile; 0 once answered."""
+    app = create_app(app_settings(store))
+
+    def in_progress() -> float:
+        return REGISTRY.get_sample_value("igcv2_requests_in_progress") or 0.0
+
+    async def scenario() -> tuple[float, float, list[int]]:
+        png_type = {"content-type": "image/png"}
+        async with running(app):
+            before = in_progress()
+            release = hold_model(app)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                held = [asyncio.ensure_future(client.post("/classify", content=png, headers=png_type))
+                        for png in fashion_pngs(2)]
+                try:
+                    deadline = time.monotonic() + 10
+                    while in_progress() < before + 2:
+                        assert time.monotonic() < deadline, f"in progress {in_progress()}, expected {before + 2}"
+                        await asyncio.sleep(0.01)
+                    for path in ("/health/ready", "/health/live", "/v2/health/ready"):
+                        assert (await client.get(path)).status_code == 200
+                    text = (await client.get("/metrics")).text
+                    scraped = re.search(r"^igcv2_requests_in_progress (\S+)$", text, re.M)
+                    assert scraped is not None
+                    during = float(scraped[1]) - before  # as the scrape itself saw it
+                finally:
+                    release.set()
+                codes = [r.status_code for r in await asyncio.gather(*held)]
+            return during, in_progress() - before, codes
+
+    during, after, codes = asyncio.run(scenario())
+    assert codes == [200, 200]
+    assert during == 2
+    assert after == 0
 
 
 def test_metrics_labels_stay_bounded_under_many_names(client: TestClient) -> None:
