@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.config import Settings, env_name
+from service.registry import ModelRegistry
 from service.runtime import configure_cpu_threads
 
 
@@ -77,19 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         Server(config).run()
-        code = 0
     except SystemExit as exc:  # how uvicorn ends when it cannot start, e.g. when its port is taken
-        code = exc.code if isinstance(exc.code, int) else 1
-    if loading := app.state.registry.loading():
-        # A compilation cannot be interrupted and nothing waits for its model: exit now. A normal exit
-        # would wait for it (executor threads are joined at exit; a minute on 2 cores) and then abort
-        # the process, a C++ thread torn down under it ("terminate called", SIGABRT).
+        abandon_loading(app.state.registry, exc.code if isinstance(exc.code, int) else 1)
+        raise
+    abandon_loading(app.state.registry, 0)
+    return 0
+
+
+def abandon_loading(registry: ModelRegistry, code: int) -> None:
+    """Exit with ``code`` at once if configured models are still compiling (nothing waits for them).
+
+    A normal exit would wait for the compilation (executor threads are joined at exit: a minute on
+    2 cores) and then abort the process, a C++ thread torn down under it ("terminate called", SIGABRT).
+    """
+    if loading := registry.loading():
         logging.getLogger("igcv2").warning("exiting while %s still loading: abandoned", ", ".join(loading))
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    return code
 
 
 if __name__ == "__main__":

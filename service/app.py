@@ -41,12 +41,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loader.start()
         try:
             yield
-        finally:  # also when the lifespan is left by an exception (in-process use): no thread left waiting
+        except BaseException:  # cancelled by a forced exit, or an error in-process: stop now, drain nothing
             app.state.draining = True
-            log.info("shutting down: finishing queued work")
-            await registry.close()
+            await registry.close(timeout=0)
             engine.close()
-            log.info("shutdown complete")
+            raise
+        app.state.draining = True
+        log.info("shutting down: finishing queued work")
+        await registry.close()
+        engine.close()
+        log.info("shutdown complete")
 
     def gate(inner: ASGIApp) -> ASGIApp:
         """The service's own layers, outermost first (see :class:`ServiceApp`)."""

@@ -257,7 +257,8 @@ class ModelRegistry:
         return [self._models[k] for k in sorted(self._models)]
 
     def loading(self) -> list[str]:
-        """The versions still being loaded, compiled or warmed up (``name vN``)."""
+        """The configured versions still being loaded, compiled or warmed up at startup (``name vN``).
+        A load through the control route registers its version only once it is ready."""
         return [f"{m.name} v{m.version}" for m in self.all() if m.state is State.LOADING]
 
     def is_ready(self) -> bool:
@@ -283,16 +284,17 @@ class ModelRegistry:
         settle_heap()
         return targets
 
-    async def release(self, served: ServedModel) -> None:
+    async def release(self, served: ServedModel, timeout: float | None = None) -> None:
+        """Stop serving a version: its queue gets ``timeout`` (default: the shutdown timeout) to finish."""
         if served.batcher is not None:
-            await served.batcher.close(self.settings.shutdown_timeout_s)
+            await served.batcher.close(self.settings.shutdown_timeout_s if timeout is None else timeout)
         for runner in served.runners:
             await asyncio.to_thread(runner.close)
         metrics.MODEL_READY.labels(**served.labels).set(0)
 
-    async def close(self) -> None:
-        """Graceful shutdown: every batcher finishes its queue, then inference threads stop."""
-        await asyncio.gather(*(self.release(m) for m in self.all()))
+    async def close(self, timeout: float | None = None) -> None:
+        """Graceful shutdown: every batcher finishes its queue (in ``timeout``), then inference threads stop."""
+        await asyncio.gather(*(self.release(m, timeout) for m in self.all()))
         gc.unfreeze()  # nothing is served any more: the collector may have it all back
 
 
