@@ -280,7 +280,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     o = result.get("overload")
     if o:
-        q, rss = o["queue_depth"], o["rss"]
+        q, rss, busy = o["queue_depth"], o["rss"], o["requests_in_progress"]
         lines += ["## Overload (issue 7)", "",
                   f"- {o['seconds']:.0f} s, {o['kind']}, {o['workers']} workers; offered "
                   f"{_f(o['offered_requests_per_s'])} req/s ({_f(o['offered_vs_saturation'], 2)} x saturation); "
@@ -290,7 +290,8 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{_f(o['saturation_images_per_s'])}: {_f(o['targets']['goodput_vs_saturation']['value'], 3)} "
                   f"(target >= 0.9)",
                   f"- queue depth (middle of run): median {_f(q['median'])}, max {_f(q['max'])} of capacity "
-                  f"{_f(q['capacity'], 0)}",
+                  f"{_f(q['capacity'], 0)}; HTTP requests in progress: median {_f(busy['median'])}, "
+                  f"max {_f(busy['max'])}",
                   f"- RSS {rss['start_mib']:.1f} -> {rss['end_mib']:.1f} MiB (max {rss['max_mib']:.1f}): "
                   f"growth {100 * (rss['growth'] or 0):.1f}% (target < 10%)",
                   f"- Retry-After on every probed 503/429: {o['retry_after']['all_present']}", ""]

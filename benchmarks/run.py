@@ -164,8 +164,8 @@ def machine() -> dict[str, Any]:
             "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3]}
 
 
-# (t, queue depth, RSS bytes, images computed so far, /classify answers so far)
-Sample = tuple[float, float, float, float, float]
+# (t, queue depth, RSS bytes, images computed so far, /classify answers so far, HTTP requests in progress)
+Sample = tuple[float, float, float, float, float, float]
 
 
 class Sampler:
@@ -201,7 +201,8 @@ class Sampler:
                 self.samples.append((time.monotonic() - self.t0, m.value("igcv2_queue_depth", model=self.svc.model),
                                      m.value("process_resident_memory_bytes"),
                                      m.value("igcv2_images_total", model=self.svc.model),
-                                     m.value("igcv2_requests_total", endpoint="/classify")))
+                                     m.value("igcv2_requests_total", endpoint="/classify"),
+                                     m.value("igcv2_requests_in_progress")))
             except OSError:
                 pass
             self.stop_event.wait(self.interval)
@@ -442,7 +443,7 @@ class Bench:
             **phase,
             "unexpected_codes": unexpected,
             "server": report.server_delta(r0, r_end, svc.model),
-            "queue_depth": depth, "rss": rss,
+            "queue_depth": depth, "requests_in_progress": in_progress_stats(sampler.samples), "rss": rss,
             "retry_after": {"probes": len(probes), "shed": len(shed_probes),
                             "codes": report.merge_codes({s: probes.count(s) for s in set(probes)}),
                             "all_present": all(h for _, h in shed_probes)},
@@ -579,6 +580,14 @@ def queue_stats(samples: list[Sample], capacity: float) -> dict[str, Any]:
     return {"capacity": capacity, "samples": len(samples), "median": float(np.median(depths)),
             "p10": float(np.percentile(depths, 10)), "mean": float(np.mean(depths)),
             "max": float(max(s[1] for s in samples)), "series": [[round(s[0], 2), s[1]] for s in samples]}
+
+
+def in_progress_stats(samples: list[Sample]) -> dict[str, float | None]:
+    """HTTP requests in progress, middle of the run (and the maximum): many beside a short queue means
+    they wait for the event loop, not the model."""
+    if not samples:
+        return {"median": None, "max": None}
+    return {"median": float(np.median([s[5] for s in middle(samples)])), "max": float(max(s[5] for s in samples))}
 
 
 def steady_rate(samples: list[Sample], column: int = 3) -> float | None:

@@ -83,6 +83,7 @@ def test_benchmark_smoke_end_to_end(tmp_path: Path) -> None:
     assert overload["targets"]["every_request_answered"]["met"] is True
     assert set(overload["codes"]) <= {"200"} | SHED and int(overload["codes"].get("200", 0)) > 0
     assert overload["queue_depth"]["capacity"] == 16 and 0 <= overload["queue_depth"]["max"] <= 16
+    assert overload["requests_in_progress"]["max"] > 0  # sampled during overload: never an idle server
     assert overload["rss"]["start_mib"] > 50 and overload["rss"]["end_mib"] > 50
     assert overload["goodput_images_per_s"] > 0 and overload["saturation_images_per_s"] > 0
     assert overload["alive_after"] and overload["recovered_after"]
