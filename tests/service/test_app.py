@@ -260,6 +260,40 @@ def test_draining_refuses_new_work_but_stays_live(client: TestClient) -> None:
 
 # ----- load shedding -----
 
+def test_a_lifespan_left_by_an_error_answers_what_is_queued_without_computing_it(store: Path) -> None:
+    """Cancelled (a forced exit) or failed, the lifespan stops at once: queued and computing images get
+    503 instead of the drain a normal shutdown does (up to IGCV2_SHUTDOWN_TIMEOUT_S)."""
+    app = create_app(app_settings(store, max_batch_size=1, shutdown_timeout_s=60))
+
+    async def scenario() -> tuple[list[httpx.Response], float]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            posts: list[asyncio.Future[httpx.Response]] = []
+            try:
+                async with running(app):
+                    served = app.state.registry.resolve(DEFAULT_MODEL)
+                    release = hold_model(app)  # one image computing (held), two queued
+                    posts += [asyncio.ensure_future(client.post("/classify", content=png,
+                                                                headers={"content-type": "image/png"}))
+                              for png in fashion_pngs(3)]
+                    deadline = time.monotonic() + 10
+                    while served.batcher.depth != 2:
+                        assert time.monotonic() < deadline, f"queue depth {served.batcher.depth}, expected 2"
+                        await asyncio.sleep(0.01)
+                    threading.Timer(0.5, release.set).start()  # the held batch ends; nothing after it runs
+                    left = time.monotonic()
+                    raise RuntimeError("the lifespan is left by an error")
+            except RuntimeError:
+                pass
+            answers = await asyncio.wait_for(asyncio.gather(*posts), 30)
+            return answers, time.monotonic() - left
+
+    answers, took = asyncio.run(scenario())
+    assert [a.status_code for a in answers] == [503, 503, 503], [a.text for a in answers]
+    assert all("shut down before this image was computed" in a.json()["error"] for a in answers)
+    assert took < 10
+
+
 @pytest.mark.parametrize(("path", "query"), [
     ("/classify", b""),
     ("/classify", f"model={DEFAULT_MODEL}&version=1&top_k=3".encode()),
