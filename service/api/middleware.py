@@ -27,7 +27,14 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-OPEN_PATHS = ("/health/", "/metrics", "/v2/health/")
+OPEN_PREFIXES = ("/health/", "/v2/health/")
+
+
+def is_open(path: str) -> bool:
+    """Health probes and the metrics scrape: no API key, served while draining, not counted in progress.
+    ``/metrics`` exactly, not as a prefix: ``/metricsX`` is an unknown route like any other."""
+    return path == "/metrics" or path.startswith(OPEN_PREFIXES)
+
 
 
 async def send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -64,7 +71,7 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
-        counted = not scope["path"].startswith(OPEN_PATHS)
+        counted = not is_open(scope["path"])
         if counted:
             metrics.IN_PROGRESS.inc()
 
@@ -145,7 +152,7 @@ class ApiKey:
         self.admin_key = admin_key.encode() if admin_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.key is None or scope["type"] != "http" or scope["path"].startswith(OPEN_PATHS):
+        if self.key is None or scope["type"] != "http" or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         if not bearer_matches(scope, self.key) and not (self.admin_key and bearer_matches(scope, self.admin_key)):
@@ -202,7 +209,7 @@ class Draining:
         self.is_draining = is_draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.is_draining() and not scope["path"].startswith(OPEN_PATHS):
+        if scope["type"] == "http" and self.is_draining() and not is_open(scope["path"]):
             await send_error(send, 503, "server is shutting down; retry on another replica", {"Retry-After": "1"})
             return
         await self.app(scope, receive, send)

@@ -114,7 +114,7 @@ def test_health_and_metrics_need_no_key(client: TestClient, path: str) -> None:
 
 @pytest.mark.parametrize(("method", "path"), [
     ("POST", "/classify"), ("GET", "/models"), ("GET", f"/models/{DEFAULT_MODEL}"), ("GET", "/docs"),
-    ("GET", "/openapi.json"), ("GET", "/no/such/route"),
+    ("GET", "/openapi.json"), ("GET", "/no/such/route"), ("GET", "/metricsx"), ("GET", "/metrics/x"),
 ])
 def test_every_other_route_needs_the_key(client: TestClient, method: str, path: str) -> None:
     response = client.request(method, path)
