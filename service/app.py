@@ -39,18 +39,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             target=registry.load_configured, args=(asyncio.get_running_loop(),), name="model-loader", daemon=True
         )
         loader.start()
+        forced = True  # left by a cancellation (a forced exit) or an error in-process: stop now, drain nothing
         try:
             yield
-        except BaseException:  # cancelled by a forced exit, or an error in-process: stop now, drain nothing
+            forced = False
+        finally:
             app.state.draining = True
-            await registry.close(timeout=0)
+            log.info("shutting down: %s", "answering queued work 503" if forced else "finishing queued work")
+            await registry.close(timeout=0 if forced else None)
             engine.close()
-            raise
-        app.state.draining = True
-        log.info("shutting down: finishing queued work")
-        await registry.close()
-        engine.close()
-        log.info("shutdown complete")
+            log.info("shutdown complete")
 
     def gate(inner: ASGIApp) -> ASGIApp:
         """The service's own layers, outermost first (see :class:`ServiceApp`)."""

@@ -36,7 +36,6 @@ def is_open(path: str) -> bool:
     return path == "/metrics" or path.startswith(OPEN_PREFIXES)
 
 
-
 async def send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"error": message}).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -20,9 +20,13 @@ from service.config import Settings, env_name
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def service_env(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment without the developer's IGCV2_* settings, plus ``env``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("IGCV2_")}, **env}
+
+
 def run_service(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("IGCV2_")}
-    return subprocess.run([sys.executable, "-m", "service", *args], cwd=cwd, env={**clean, **env},
+    return subprocess.run([sys.executable, "-m", "service", *args], cwd=cwd, env=service_env(env),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -119,9 +123,8 @@ def test_a_taken_port_exits_at_once_while_the_model_still_compiles() -> None:
 
 def test_sigterm_during_warm_up_exits_0_without_waiting_for_the_compile() -> None:
     """A container stopped while it warms up (a rolling update) stops at once, with success."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("IGCV2_")}
     process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, text=True, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, env={**clean, "IGCV2_PORT": str(free_port())})
+                               stdout=subprocess.DEVNULL, env=service_env({"IGCV2_PORT": str(free_port())}))
     assert process.stderr is not None
     try:
         for line in process.stderr:  # uvicorn serves health probes while the model loads in a thread
