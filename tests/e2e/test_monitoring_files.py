@@ -250,6 +250,18 @@ def test_dashboard_panels_have_units_descriptions_and_queries() -> None:
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, title
 
 
+def test_queue_depth_panel_draws_images_and_requests_on_separate_axes() -> None:
+    """Images queued and requests in progress are different units: one shared axis would read as one."""
+    panel = next(p for p in iter_panels(load_dashboard()) if p["title"] == "Queue depth")
+    ref = next(t["refId"] for t in panel["targets"] if "igcv2_requests_in_progress" in t["expr"])
+    assert all("igcv2_queue_" in t["expr"] for t in panel["targets"] if t["refId"] != ref)
+    assert panel["fieldConfig"]["defaults"]["custom"]["axisLabel"] == "images"
+    matcher = {"id": "byFrameRefID", "options": ref}
+    override = next(o for o in panel["fieldConfig"]["overrides"] if o["matcher"] == matcher)
+    props = {prop["id"]: prop["value"] for prop in override["properties"]}
+    assert props == {"custom.axisPlacement": "right", "custom.axisLabel": "requests"}
+
+
 def test_dashboard_layout_does_not_overlap() -> None:
     cells: dict[tuple[int, int], str] = {}
     for panel in iter_panels(load_dashboard()):
