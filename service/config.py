@@ -28,7 +28,8 @@ class Settings(BaseSettings):
         Path("model_store"), description="Model store root: <name>/<version>/{config.json,model.safetensors}.")
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Models to load, comma-separated 'name' or 'name:version' (empty: every model, latest version).",
+        description="Models to load, comma-separated 'name' (latest version) or 'name:version'; a name may be listed "
+                    "with several versions, served side by side (empty: every model, latest version).",
     )
     default_model: str = Field("igcv2-fashion", description="Model used when a request names none.")
 
@@ -119,13 +120,15 @@ class Settings(BaseSettings):
         """Threads of the decode pool: ``decode_threads``, or one per core (at least 2)."""
         return self.decode_threads or max(2, os.cpu_count() or 1)
 
-    def wanted_models(self) -> dict[str, int | None]:
-        """{name: version or None (latest)} from ``models``; empty means everything in the store."""
-        wanted: dict[str, int | None] = {}
+    def wanted_models(self) -> list[tuple[str, int | None]]:
+        """(name, version or None for the latest) from ``models``, in order, without repeats; empty
+        means everything in the store. One name may come with several versions (a canary beside
+        the version it replaces)."""
+        wanted: dict[tuple[str, int | None], None] = {}
         for entry in self.models:
             name, _, version = entry.partition(":")
-            wanted[name] = int(version) if version else None
-        return wanted
+            wanted[(name, int(version) if version else None)] = None
+        return list(wanted)
 
 
 _ServingSection = create_model(

@@ -132,21 +132,20 @@ class ModelRegistry:
 
     def configured_versions(self) -> list[tuple[str, int]]:
         wanted = self.settings.wanted_models()
-        names = list(wanted)
-        if not names and self.store.is_dir():
-            names = sorted(p.name for p in self.store.iterdir() if p.is_dir() and not p.name.startswith("."))
-        out = []
-        for name in names:
+        if not wanted and self.store.is_dir():
+            wanted = [(p.name, None) for p in sorted(self.store.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        out: dict[tuple[str, int], None] = {}
+        for name, version in wanted:
             if not MODEL_NAME.match(name):
                 log.warning("skipping %s: not a valid model name", self.store / name)
                 continue
             available = versions(self.store / name)
-            version = wanted.get(name) or (available[-1] if available else None)
+            version = version or (available[-1] if available else None)
             if version is None:
                 log.error("model %s: no version folders in %s", name, self.store / name)
                 continue
-            out.append((name, version))
-        return out
+            out[(name, version)] = None  # 'm' and 'm:3', 3 the latest, are one version
+        return list(out)
 
     def load_configured(self, loop: asyncio.AbstractEventLoop) -> None:
         """Load every configured model version (called once, in a background thread)."""

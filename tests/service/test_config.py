@@ -21,7 +21,7 @@ def settings(**kwargs: Any) -> Settings:
 def test_defaults() -> None:
     s = settings()
     assert s.model_store == Path("model_store")
-    assert s.models == [] and s.wanted_models() == {}
+    assert s.models == [] and s.wanted_models() == []
     assert (s.device, s.precision, s.compile, s.compile_mode) == ("auto", "auto", True, "auto")
     assert (s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size) == (32, 0.0, 256)
     assert s.api_key is None and s.admin_key is None
@@ -111,18 +111,20 @@ def test_invalid_serving_section_is_rejected(serving: dict[str, Any]) -> None:
 # ----- IGCV2_MODELS -----
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("", {}),
-    ("a", {"a": None}),
-    ("a, b:3", {"a": None, "b": 3}),
-    (" igcv2-fashion:2 ,, other.model ", {"igcv2-fashion": 2, "other.model": None}),
+    ("", []),
+    ("a", [("a", None)]),
+    ("a, b:3", [("a", None), ("b", 3)]),
+    (" igcv2-fashion:2 ,, other.model ", [("igcv2-fashion", 2), ("other.model", None)]),
+    ("m:2,m:1,m", [("m", 2), ("m", 1), ("m", None)]),  # several versions of one model, side by side
+    ("m:1,m:1,m,m", [("m", 1), ("m", None)]),
 ])
-def test_wanted_models(monkeypatch: pytest.MonkeyPatch, value: str, expected: dict[str, int | None]) -> None:
+def test_wanted_models(monkeypatch: pytest.MonkeyPatch, value: str, expected: list[tuple[str, int | None]]) -> None:
     monkeypatch.setenv("IGCV2_MODELS", value)
     assert settings().wanted_models() == expected
 
 
 def test_models_as_a_list() -> None:
-    assert settings(models=["a", "b:3"]).wanted_models() == {"a": None, "b": 3}
+    assert settings(models=["a", "b:3"]).wanted_models() == [("a", None), ("b", 3)]
 
 
 @pytest.mark.parametrize("value", ["a:x", "a:0", "a:-1", "a:1.5", "../x", "a/b:1", ":3"])

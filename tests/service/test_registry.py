@@ -150,6 +150,28 @@ def test_configured_versions_follow_settings(store: Path) -> None:
     assert registry.configured_versions() == [("good", 1), ("checksum", 1)]
 
 
+def test_configured_versions_may_name_one_model_several_times(store: Path) -> None:
+    registry = ModelRegistry(settings_for(store, "good:1,good,good:3,good:2,good:1"))
+    assert registry.configured_versions() == [("good", 1), ("good", 3), ("good", 2)]
+
+
+def test_two_configured_versions_are_served_side_by_side(store: Path) -> None:
+    """A canary beside the version it replaces: a request naming no version gets the highest."""
+    images = fashion_test_images(3)[0]
+
+    async def body(registry: ModelRegistry) -> None:
+        assert registry.is_ready()
+        v1, v2 = registry.resolve("good", 1), registry.resolve("good", 2)
+        assert v1.state is State.READY and v2.state is State.READY and v1 is not v2
+        assert registry.resolve("good") is v2
+        np.testing.assert_allclose(await served_logits(v1, images), offline_logits(store, "good", 1, images),
+                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(await served_logits(v2, images), offline_logits(store, "good", 2, images),
+                                   rtol=0, atol=1e-5)
+
+    with_registry(store, "good:1,good:2", body)
+
+
 # ----- load_configured -----
 
 def test_healthy_model_is_served_and_broken_ones_are_reported(store: Path) -> None:
