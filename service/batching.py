@@ -136,7 +136,10 @@ class DynamicBatcher:
         self._depth.set(0)
 
     def start(self) -> None:
-        """Start draining on every instance's thread; call on the event loop that submits."""
+        """Start draining on every instance's thread; call on the event loop that submits. Closed
+        first (a shutdown while its model loaded), it starts nothing."""
+        if self._closed:
+            return
         self._loop = asyncio.get_running_loop()
         self._drains = [instance.executor.submit(self._drain, instance) for instance in self._instances]
 

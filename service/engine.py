@@ -41,6 +41,9 @@ class Engine:
         self.settings = settings
         self.registry = registry
         self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
+        # Loads through the control route compile for a minute; not on the loop's default executor,
+        # which asyncio.run waits for at exit, so a shutdown can abandon them (service.__main__).
+        self.load_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-load")
         self._repository_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def check_count(self, n: int) -> None:
@@ -163,7 +166,7 @@ class Engine:
             raise NotFound(f"model {name!r} not found in the model store")
         async with self._repository_locks[name]:
             try:
-                return await asyncio.to_thread(self.registry.load, name)
+                return await asyncio.get_running_loop().run_in_executor(self.load_pool, self.registry.load, name)
             except ArtifactError as exc:
                 raise BadInput(f"failed to load model {name!r}: {exc}") from exc
 

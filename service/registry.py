@@ -124,7 +124,9 @@ class ModelRegistry:
         self.device = resolve_device(settings.device)
         self._models: dict[tuple[str, int], ServedModel] = {}
         self._configured: set[tuple[str, int]] = set()
+        self._pending: set[tuple[str, int]] = set()  # loads through the control route, not yet registered
         self._lock = threading.Lock()
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started = False
 
@@ -176,13 +178,21 @@ class ModelRegistry:
         if existing is not None and existing.state is State.READY:
             return existing
         served = ServedModel(name, version, self.store / name / str(version))
-        self._load(served)  # raises on failure; nothing registered yet
         with self._lock:
-            self._models[(name, version)] = served
+            self._pending.add((name, version))
+        try:
+            self._load(served, register=True)  # raises on failure: nothing registered, the served version untouched
+        finally:
+            with self._lock:
+                self._pending.discard((name, version))
         settle_heap()
         return served
 
-    def _load(self, served: ServedModel) -> None:
+    def _load(self, served: ServedModel, register: bool = False) -> None:
+        """Load, compile and warm up ``served``, then start its batcher, unless the registry closed
+        meanwhile (a SIGTERM during a load): then its threads stop and 503 says why. ``register``
+        adds it to the served versions in the same step, so close() either releases it or it never
+        serves: a batcher started after close() would keep its thread, and the process, alive."""
         started = time.perf_counter()
         metrics.MODEL_READY.labels(**served.labels).set(0)
         artifact = load_artifact(served.path)
@@ -213,7 +223,16 @@ class ModelRegistry:
         )
         if self._loop is None:
             raise RuntimeError("registry used before load_configured() gave it the event loop")
-        self._loop.call_soon_threadsafe(served.batcher.start)
+        with self._lock:
+            refused = self._closed
+            if not refused:
+                if register:
+                    self._models[(served.name, served.version)] = served
+                self._loop.call_soon_threadsafe(served.batcher.start)
+        if refused:
+            for runner in runners:
+                runner.close()
+            raise Unavailable(f"{served.name} v{served.version}: the service shut down while it loaded", 1)
         served.state, served.reason = State.READY, None
         metrics.MODEL_READY.labels(**served.labels).set(1)
         metrics.WARMUP_DURATION.labels(**served.labels).set(served.warmup_s)
@@ -256,9 +275,12 @@ class ModelRegistry:
         return [self._models[k] for k in sorted(self._models)]
 
     def loading(self) -> list[str]:
-        """The configured versions still being loaded, compiled or warmed up at startup (``name vN``).
-        A load through the control route registers its version only once it is ready."""
-        return [f"{m.name} v{m.version}" for m in self.all() if m.state is State.LOADING]
+        """The versions still being loaded, compiled or warmed up (``name vN``): configured ones at
+        startup and loads through the control route."""
+        with self._lock:
+            pending = sorted(self._pending)
+        return [f"{m.name} v{m.version}" for m in self.all() if m.state is State.LOADING] + [
+            f"{name} v{version}" for name, version in pending]
 
     def is_ready(self) -> bool:
         return self.started and all(
@@ -292,8 +314,12 @@ class ModelRegistry:
         metrics.MODEL_READY.labels(**served.labels).set(0)
 
     async def close(self, timeout: float | None = None) -> None:
-        """Graceful shutdown: every batcher finishes its queue (in ``timeout``), then inference threads stop."""
-        await asyncio.gather(*(self.release(m, timeout) for m in self.all()))
+        """Graceful shutdown: every batcher finishes its queue (in ``timeout``), then inference threads
+        stop. A load still running is not waited for; it will not start serving."""
+        with self._lock:
+            self._closed = True
+            served = self.all()
+        await asyncio.gather(*(self.release(m, timeout) for m in served))
         gc.unfreeze()  # nothing is served any more: the collector may have it all back
 
 

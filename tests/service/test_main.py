@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -140,3 +144,49 @@ def test_sigterm_during_warm_up_exits_0_without_waiting_for_the_compile() -> Non
     assert "still loading: abandoned" in rest
     assert "terminate called" not in rest
     assert time.monotonic() - stopped < 15
+
+
+def test_sigterm_during_a_control_route_load_exits_0_without_waiting_for_it(tmp_path: Path) -> None:
+    """The compile of a version loaded through the control route runs in a thread; a shutdown in the
+    middle of it once hung for good (the version finished after the registry closed and started a
+    batcher whose thread nothing stopped). The process must exit 0, promptly, abandoning the load."""
+    store = tmp_path / "store"
+    shutil.copytree(ROOT / "model_store" / "igcv2-fashion" / "1", store / "igcv2-fashion" / "1")
+    shutil.copytree(store / "igcv2-fashion" / "1", store / "igcv2-fashion" / "2")
+    config = store / "igcv2-fashion" / "2" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "version": 2}))
+    port = free_port()
+    env = {"IGCV2_PORT": str(port), "IGCV2_MODEL_STORE": str(store), "IGCV2_MODELS": "igcv2-fashion:1",
+           "IGCV2_MAX_BATCH_SIZE": "2", "IGCV2_SHUTDOWN_TIMEOUT_S": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, text=True, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, env=service_env(env))
+    assert process.stderr is not None
+    try:
+        for line in process.stderr:
+            if "igcv2-fashion v1 ready" in line:
+                break
+        answers: list[object] = []
+
+        def load() -> None:
+            url = f"http://127.0.0.1:{port}/v2/repository/models/igcv2-fashion/load"
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=60) as response:
+                    answers.append(response.status)
+            except OSError as exc:  # HTTPError included: the shutdown cut it off
+                answers.append(exc)
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        time.sleep(2)  # version 2 compiles (several seconds per bucket)
+        process.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        _, rest = process.communicate(timeout=60)
+        loader.join(60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, rest[-2000:]
+    assert time.monotonic() - stopped < 20
+    assert "igcv2-fashion v2 still loading: abandoned" in rest, rest[-2000:]
+    assert "terminate called" not in rest
+    assert answers and answers[0] != 200, answers

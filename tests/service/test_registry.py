@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import shutil
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -269,6 +270,23 @@ def test_resolve_unknown_is_404(store: Path, name: str, version: int | None) -> 
 
 
 # ----- load / unload at run time -----
+
+def test_a_load_that_ends_after_close_never_serves_and_leaves_no_thread(store: Path) -> None:
+    """A SIGTERM while the control route loads a version: the shutdown does not wait for the load,
+    and the version it finishes must not start a batcher, whose thread would keep the process alive."""
+    async def main() -> None:
+        registry = ModelRegistry(settings_for(store, "good:1"))
+        await asyncio.to_thread(registry.load_configured, asyncio.get_running_loop())
+        await registry.close()
+        with pytest.raises(Unavailable, match="good v2: the service shut down while it loaded"):
+            await asyncio.to_thread(registry.load, "good", 2)
+        await asyncio.sleep(0.1)  # a batcher start would run on the loop now
+        assert [(m.name, m.version) for m in registry.all()] == [("good", 1)]
+        assert registry.loading() == []
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("infer-good-v2")]
+
+    asyncio.run(main())
+
 
 def test_loading_a_broken_version_leaves_the_served_one_untouched(store: Path) -> None:
     images = fashion_test_images(2)[0]
