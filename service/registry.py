@@ -158,10 +158,14 @@ class ModelRegistry:
             for name, version in targets:
                 self._models[(name, version)] = ServedModel(name, version, self.store / name / str(version))
         for name, version in targets:
+            served = self._models[(name, version)]
             try:
-                self._load(self._models[(name, version)])
+                self._load(served)
+            except Unavailable as exc:  # the service shut down while it warmed up: not a fault
+                served.state, served.reason = State.FAILED, exc.message
+                log.info("%s", exc.message)
             except Exception as exc:  # a broken artifact must not take the service down
-                self._fail(self._models[(name, version)], exc)
+                self._fail(served, exc)
         settle_heap()
         self.started = True
 
@@ -174,12 +178,15 @@ class ModelRegistry:
         version = version or available[-1]
         if version not in available:
             raise NotFound(f"model {name!r} has no version {version} in the model store")
-        existing = self._models.get((name, version))
-        if existing is not None and existing.state is State.READY:
-            return existing
         served = ServedModel(name, version, self.store / name / str(version))
         with self._lock:
+            existing = self._models.get((name, version))
+            if existing is not None and existing.state is State.READY:
+                return existing
+            if (name, version) in self._pending or (existing is not None and existing.state is State.LOADING):
+                raise Unavailable(f"model {name} version {version} is already loading; retry when it is ready", 5)
             self._pending.add((name, version))
+        log.info("%s v%s: loading through the control route", name, version)
         try:
             self._load(served, register=True)  # raises on failure: nothing registered, the served version untouched
         finally:
@@ -189,10 +196,12 @@ class ModelRegistry:
         return served
 
     def _load(self, served: ServedModel, register: bool = False) -> None:
-        """Load, compile and warm up ``served``, then start its batcher, unless the registry closed
-        meanwhile (a SIGTERM during a load): then its threads stop and 503 says why. ``register``
-        adds it to the served versions in the same step, so close() either releases it or it never
-        serves: a batcher started after close() would keep its thread, and the process, alive."""
+        """Load, compile and warm up ``served``, then register it and start its batcher in one step
+        under the lock, unless the registry closed meanwhile (a SIGTERM during a load): then its
+        threads stop and :class:`Unavailable` says why. So close() either releases a version or it
+        never serves: a batcher started after close() would keep its thread, and the process,
+        alive. ``register`` is for loads through the control route; a configured version is
+        registered (LOADING) before it loads, and must still be the registered one."""
         started = time.perf_counter()
         metrics.MODEL_READY.labels(**served.labels).set(0)
         artifact = load_artifact(served.path)
@@ -223,11 +232,11 @@ class ModelRegistry:
         )
         if self._loop is None:
             raise RuntimeError("registry used before load_configured() gave it the event loop")
+        key = (served.name, served.version)
         with self._lock:
-            refused = self._closed
+            refused = self._closed or (not register and self._models.get(key) is not served)
             if not refused:
-                if register:
-                    self._models[(served.name, served.version)] = served
+                self._models[key] = served
                 self._loop.call_soon_threadsafe(served.batcher.start)
         if refused:
             for runner in runners:

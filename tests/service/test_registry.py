@@ -22,6 +22,7 @@ from samples import fashion_test_images
 from igcv2.artifact import CONFIG_FILE, WEIGHTS_FILE, ArtifactError, load_artifact, save_artifact, sha256_file
 from igcv2.data import FASHION_MNIST_LABELS
 from igcv2.networks import Normalized, build
+from service import registry as registry_module
 from service.config import Settings
 from service.errors import NotFound, Unavailable
 from service.registry import ModelRegistry, ServedModel, State, parse_version, validate_name
@@ -283,6 +284,37 @@ def test_a_load_that_ends_after_close_never_serves_and_leaves_no_thread(store: P
         await asyncio.sleep(0.1)  # a batcher start would run on the loop now
         assert [(m.name, m.version) for m in registry.all()] == [("good", 1)]
         assert registry.loading() == []
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("infer-good-v2")]
+
+    asyncio.run(main())
+
+
+def test_a_control_route_load_of_a_version_still_warming_up_is_refused(store: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both loads would finish; the second to register used to orphan the other's batcher, whose
+    thread then outlived close() (and the process)."""
+    release = threading.Event()
+    read_artifact = registry_module.load_artifact
+
+    def held_at_v2(path: Path) -> Any:  # the configured v2 stays LOADING until released
+        if path.name == "2":
+            release.wait(30)
+        return read_artifact(path)
+
+    monkeypatch.setattr(registry_module, "load_artifact", held_at_v2)
+
+    async def main() -> None:
+        registry = ModelRegistry(settings_for(store, "good:2"))
+        startup = asyncio.ensure_future(asyncio.to_thread(registry.load_configured, asyncio.get_running_loop()))
+        while registry.loading() != ["good v2"]:
+            await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable, match="good version 2 is already loading") as refused:
+            await asyncio.to_thread(registry.load, "good", 2)
+        assert refused.value.headers == {"Retry-After": "5"}
+        release.set()
+        await startup
+        assert registry.is_ready() and registry.resolve("good", 2).state is State.READY
+        await registry.close()
         assert not [t.name for t in threading.enumerate() if t.name.startswith("infer-good-v2")]
 
     asyncio.run(main())
