@@ -7,6 +7,7 @@ them before the request enters FastAPI at all.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import json
@@ -201,17 +202,38 @@ class BodyLimit:
 
 
 class Draining:
-    """Once shutdown begins, new requests get 503 + Retry-After while queued ones finish."""
+    """Once shutdown begins, new requests get 503 + Retry-After while queued ones finish.
+
+    A request still running when the shutdown timeout expires is cancelled by uvicorn, which would
+    answer it a plain-text 500 and log the cancellation as an error; it gets the same JSON 503 instead.
+    """
 
     def __init__(self, app: ASGIApp, is_draining: Callable[[], bool]) -> None:
         self.app = app
         self.is_draining = is_draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.is_draining() and not is_open(scope["path"]):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.is_draining() and not is_open(scope["path"]):
             await send_error(send, 503, "server is shutting down; retry on another replica", {"Retry-After": "1"})
             return
-        await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if started or not self.is_draining():
+                raise
+            # uvicorn cancelled it to end the shutdown and waits for nothing more from it: answer and end.
+            await send_error(send, 503, "server shut down before this request was answered (shutdown timeout); "
+                             "retry on another replica", {"Retry-After": "1"})
 
 
 INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]+))?/infer")

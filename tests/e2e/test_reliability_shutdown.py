@@ -11,7 +11,9 @@ error, or any 5xx but the draining 503, is a lost request and fails the test.
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -159,3 +161,28 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path:
     print(f"{len(outcomes)} requests: {len(accepted)} accepted before SIGTERM, {len(in_flight)} of them in flight "
           f"and answered 200; {len(refused)} probes refused 503 while draining, "
           f"{sum(o.status is None for o in outcomes)} found the server gone; exit 0 after {exited - signalled:.1f}s")
+
+
+def test_a_request_still_running_at_the_shutdown_timeout_gets_a_json_503(tmp_path: Path) -> None:
+    """A body still arriving when IGCV2_SHUTDOWN_TIMEOUT_S expires: uvicorn cancels the request, and
+    the client gets the documented JSON 503 with Retry-After (not uvicorn's plain-text 500), the log
+    no traceback, and the process exits 0."""
+    env = fast_env(default_model_store(tmp_path), shutdown_timeout_s="1")
+    with live_server(tmp_path, env) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" + b"\0" * 96)  # 100 of 100,000 bytes
+            time.sleep(0.5)  # the request is in the app, waiting for the rest of its body
+            server.process.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        code = server.process.wait(EXIT_WITHIN_S)
+        log = server.log()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer[:500]
+    assert b"retry-after: 1" in head.lower() and b"application/json" in head.lower(), head
+    assert "shut down before this request was answered" in json.loads(body)["error"]
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
