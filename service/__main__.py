@@ -1,4 +1,4 @@
-"""python -m service: serve the model store with uvicorn (uvloop + httptools).
+"""python -m service: serve the model store with uvicorn (uvloop + httptools, with limits on request heads).
 
 Settings come from IGCV2_* environment variables (or .env); --help lists them.
 """
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.config import Settings, env_name
+from service.http_protocol import bounded_http
 from service.registry import ModelRegistry
 from service.runtime import configure_cpu_threads
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        app, host=settings.host, port=settings.port, loop="uvloop",
+        http=bounded_http(settings.max_header_bytes, settings.header_timeout_s),
         log_level=settings.log_level, access_log=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # int seconds; never round 0.5 down to 0
     )

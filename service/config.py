@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image, width*height (413 above).")
     max_images_per_request: int = Field(64, ge=1, description="Most images in one request (413 above).")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request line and headers together (414 for a longer request "
+                                        "target alone, 431 otherwise).")
+    header_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a request line and headers may take to arrive (408 after; an idle new "
+                                "connection is closed).")
     decode_threads: int = Field(0, ge=0, description="Threads decoding images (0: one per core, at least 2).")
     inline_decode_pixels: int = Field(
         16_384, ge=0,
