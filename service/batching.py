@@ -167,31 +167,40 @@ class DynamicBatcher:
             self._depth.set(len(self._queue))
             if self._waiting and len(self._queue) >= min(self._waiting):
                 self._changed.notify_all()  # not one: it could be an instance waiting for more
-        futures = [item.future for item in items]
+        gathered = asyncio.gather(*(item.future for item in items))
         try:
-            outputs = await asyncio.wait_for(asyncio.gather(*futures), max(0.0, deadline - time.monotonic()))
-        except (TimeoutError, DeadlineExceeded) as exc:
-            for item in items:
-                item.abandoned = True
-                item.future.cancel()
-            # Answered 504: the dropped images must not keep holding the bounded queue (or its depth).
-            with self._changed:
-                live = [item for item in self._queue if not item.abandoned]
-                self._queue.clear()
-                self._queue.extend(live)
-                self._depth.set(len(self._queue))
-            uncomputed = sum(1 for f in futures if f.cancelled())
-            metrics.REJECTED.labels(**self._labels, reason="deadline").inc(uncomputed)
+            outputs = await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic()))
+        except BaseException as exc:  # CancelledError too: the request is gone either way
+            uncomputed = self._withdraw(items)
+            if gathered.done() and not gathered.cancelled():
+                gathered.exception()  # retrieved: asyncio would log it as never retrieved
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             self.stats.record_failure(time.monotonic() - items[0].arrival)
-            raise DeadlineExceeded(f"deadline passed before {uncomputed} of {len(items)} images were computed") from exc
-        except Exception:
-            self.stats.record_failure(time.monotonic() - items[0].arrival)
+            if isinstance(exc, (TimeoutError, DeadlineExceeded)):
+                metrics.REJECTED.labels(**self._labels, reason="deadline").inc(uncomputed)
+                raise DeadlineExceeded(f"deadline passed before the answer; {uncomputed} of {len(items)} images "
+                                       "never reached the model") from exc
             raise
         if items:
             batches = {item.computed for item in items if item.computed is not None}
             self.stats.record_success(time.monotonic() - items[0].arrival, max(i.started - i.arrival for i in items),
                                       sum(end - start for start, end in batches))
         return outputs
+
+    def _withdraw(self, items: list[_Item]) -> int:
+        """Take a request's images out of the queue once it is answered without them (deadline,
+        another batch's error, cancellation), so they hold neither the bounded queue nor compute
+        time; returns how many were never taken into a batch."""
+        with self._changed:
+            for item in items:
+                item.abandoned = True
+                item.future.cancel()
+            live = [item for item in self._queue if not item.abandoned]
+            self._queue.clear()
+            self._queue.extend(live)
+            self._depth.set(len(self._queue))
+            return sum(1 for item in items if not item.started)
 
     # ----- on the inference threads -----
 

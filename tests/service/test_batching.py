@@ -425,6 +425,47 @@ def test_only_the_expired_request_of_a_batch_is_dropped() -> None:
     run(main)
 
 
+def test_a_request_timed_out_while_its_batch_computes_is_not_counted_as_dropped() -> None:
+    """The image is computed (for nobody): igcv2_images_total counts it, the deadline drops do not."""
+    async def main() -> None:
+        model = Model(gate=threading.Event())
+        batcher, labels = make(model)
+        dropped = metric("igcv2_rejected_images_total", labels, reason="deadline")
+        with pytest.raises(DeadlineExceeded, match="0 of 1 images never reached the model"):
+            await classify(batcher, 7, timeout=0.05)
+        assert model.batches == [[7]]
+        assert metric("igcv2_rejected_images_total", labels, reason="deadline") == dropped
+        model.gate.set()  # type: ignore[union-attr]
+        await batcher.close(5)
+        assert metric("igcv2_images_total", labels) == 1
+
+    run(main)
+
+
+def test_a_cancelled_request_takes_its_images_out_of_the_queue() -> None:
+    """uvicorn cancels requests still running at the shutdown timeout: their images must neither hold
+    the bounded queue nor be computed for nobody."""
+    async def main() -> None:
+        model = Model(gate=threading.Event())
+        batcher, labels = make(model, max_batch_size=8, queue=3)
+        first = asyncio.create_task(classify(batcher, 0))
+        await until(model.started.is_set)
+        cancelled = asyncio.create_task(classify(batcher, 41, 42))
+        await until(lambda: batcher.depth == 2)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert batcher.depth == 0 and metric("igcv2_queue_depth", labels) == 0
+        room = asyncio.create_task(classify(batcher, 1, 2, 3))  # the whole queue is free again
+        await until(lambda: batcher.depth == 3)
+        model.gate.set()  # type: ignore[union-attr]
+        assert await first == [0] and await room == [1, 2, 3]
+        await batcher.close(5)
+        assert not {41, 42} & model.seen
+
+    run(main)
+
+
 # ----- failures and shutdown -----
 
 def test_inference_error_fails_only_its_batch() -> None:
@@ -444,6 +485,21 @@ def test_inference_error_fails_only_its_batch() -> None:
         assert await classify(batcher, 15) == [15], "the next batch must work"
         await batcher.close(5)
         assert model.batches == [[0], [13, 14], [15]]
+
+    run(main)
+
+
+def test_a_request_failed_by_one_batch_takes_its_other_images_out_of_the_queue() -> None:
+    async def main() -> None:
+        model = Model(compute_s=0.05, poison=13)
+        batcher, labels = make(model, max_batch_size=2)
+        with pytest.raises(ValueError, match="cannot classify image 13"):
+            await classify(batcher, 13, 14, 15, 16, 17, 18)
+        # [15, 16] may have been taken as [13, 14] failed; [17, 18] waited behind it and must be gone.
+        assert batcher.depth == 0 and metric("igcv2_queue_depth", labels) == 0
+        assert await classify(batcher, 1) == [1]
+        await batcher.close(5)
+        assert {17, 18}.isdisjoint(model.seen) and [1] in model.batches
 
     run(main)
 
