@@ -93,6 +93,14 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long to finish queued work before exiting.")
 
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _no_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty key, e.g. from an unset shell variable, would turn the check off without a word.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty or blank: leave the variable unset to turn the check off")
+        return value
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:

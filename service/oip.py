@@ -35,6 +35,7 @@ DATATYPES: dict[str, np.dtype | None] = {
     "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
     "BYTES": None,
 }  # fmt: skip
+MAX_TIMEOUT_US = 3_600_000_000
 MAX_JSON_DEPTH = 32  # nested "data" arrays deeper than any tensor we accept are refused, not recursed into
 
 IMAGE, NORMALIZED, ENCODED = "image", "normalized", "encoded"
@@ -121,7 +122,7 @@ def parse_request(body: bytes, header_length: str | int | None = None) -> InferR
     size = _header_length(header_length, len(body))
     try:
         header = json.loads(body[:size].decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, 5000-digit ints
         raise BadInput(f"inference request header is not valid JSON: {exc}") from exc
     header = _object(header, "inference request")
     binary = memoryview(body)[size:]
@@ -161,8 +162,10 @@ def _timeout(value: Any) -> float | None:
     """Triton's per-request timeout, in microseconds; 0 or absent: the server's default."""
     if value is None or value == 0:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadInput(f"request parameter 'timeout' must be a non-negative integer (microseconds), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIMEOUT_US:
+        got = "a larger integer" if isinstance(value, int) and value.bit_length() > 64 else repr(value)[:60]
+        raise BadInput(f"request parameter 'timeout' must be an integer from 0 to {MAX_TIMEOUT_US} (microseconds: "
+                       f"an hour, as for X-Request-Timeout), got {got}")
     return value / 1e6
 
 

@@ -117,7 +117,7 @@ def classify_target(query_string: bytes) -> tuple[str | None, str | None]:
     the metrics and the shedding layer need them before FastAPI parses the query itself.
     """
     query = parse_qs(query_string.decode("latin-1"))
-    return query.get("model", [None])[0], query.get("version", [None])[0]
+    return query.get("model", [None])[-1], query.get("version", [None])[-1]  # the last, as FastAPI reads them
 
 
 def match_route(routes: list[Any], scope: Scope) -> tuple[Any, dict[str, Any]]:
@@ -184,8 +184,8 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await send_error(send, 413, f"body of {int(value)} bytes exceeds the limit of {self.max_bytes}")
+            if name == b"content-length" and value.isdigit() and (len(value) > 18 or int(value) > self.max_bytes):
+                await send_error(send, 413, f"body of {value.decode()} bytes exceeds the limit of {self.max_bytes}")
                 return
         received = 0
 
@@ -291,4 +291,5 @@ class Shedding:
             return None
         if version is None:
             return name, None
-        return (name, int(version)) if version.isdigit() else None
+        # ASCII digits that int() takes ('²' is a digit; 5000 digits exceed int()'s limit): else the routes answer
+        return (name, int(version)) if version.isascii() and version.isdigit() and len(version) <= 18 else None

@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY
 from samples import DEFAULT_MODEL, default_model_store, fashion_pngs, multipart
 
 from igcv2.artifact import CONFIG_FILE, WEIGHTS_FILE, versions
+from service.api.middleware import classify_target
 from service.app import create_app
 from service.config import Settings
 
@@ -464,3 +465,13 @@ def test_metrics_labels_stay_bounded_under_many_names(client: TestClient) -> Non
         client.get(f"/random/{uuid.uuid4().hex}", headers=AUTH)
     grown = len(re.findall(r"^igcv2_requests_total\{", client.get("/metrics").text, re.M)) - series
     assert grown <= 2, f"{grown} new series for 40 requests with 40 different names and paths"
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    (b"", (None, None)),
+    (b"model=a&version=2", ("a", "2")),
+    (b"model=nosuch&model=igcv2-fashion&version=1&version=2", ("igcv2-fashion", "2")),  # the last, as FastAPI
+])
+def test_the_layers_read_the_query_as_the_routes_do(query: bytes, expected: tuple[str | None, str | None]) -> None:
+    """Metrics and shedding must name the model the route serves, not another one given first."""
+    assert classify_target(query) == expected

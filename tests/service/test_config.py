@@ -136,6 +136,14 @@ def test_invalid_models_are_rejected(monkeypatch: pytest.MonkeyPatch, value: str
 
 # ----- invalid values -----
 
+@pytest.mark.parametrize("name", ["IGCV2_API_KEY", "IGCV2_ADMIN_KEY"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_key_is_refused_not_taken_as_no_key(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """IGCV2_API_KEY=${KEY} with KEY unset would otherwise leave every route open without a word."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match="must not be empty or blank"):
+        settings()
+
 @pytest.mark.parametrize(("name", "value"), [
     ("IGCV2_MAX_BATCH_SIZE", "0"),
     ("IGCV2_MAX_BATCH_SIZE", "2000"),

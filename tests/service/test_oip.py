@@ -43,6 +43,10 @@ def test_json_request_flat_and_nested_data_give_the_same_tensor() -> None:
     np.testing.assert_array_equal(a.data, b.data)
 
 
+def test_the_longest_timeout_is_an_hour_as_for_x_request_timeout() -> None:
+    assert oip.parse_request(request_body([uint8_input()], parameters={"timeout": 3_600_000_000})).timeout_s == 3600
+
+
 def test_request_parameters_outputs_and_timeout() -> None:
     body = request_body(
         [uint8_input()],
@@ -107,6 +111,9 @@ def test_binary_request_made_by_tritonclient_is_parsed() -> None:
          "true or false"),
         (request_body([uint8_input()], outputs=[{"name": "p"}, {"name": "p"}]), None, "output names must be unique"),
         (request_body([uint8_input()], parameters={"timeout": -5}), None, "microseconds"),
+        (request_body([uint8_input()], parameters={"timeout": 3_600_000_001}), None, r"from 0 to 3600000000 \("),
+        (request_body([uint8_input()], parameters={"timeout": 10**30}), None, "got a larger integer"),
+        (b'{"id": ' + b"1" * 5000 + b"}", None, "not valid JSON"),
         (request_body([uint8_input()], id=5), None, "'id' must be a string"),
     ],
 )
