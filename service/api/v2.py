@@ -200,7 +200,8 @@ async def infer(
     """Classify a batch: one input (``image`` UINT8 NHWC, ``normalized`` FP32 NCHW or ``encoded``
     BYTES), outputs ``probabilities`` / ``logits``, optionally as top-k classification strings."""
     engine = engine_of(request)
-    parsed = oip.parse_request(await read_body(request), inference_header_content_length)
+    parsed = oip.parse_request(await read_body(request), inference_header_content_length,
+                               engine.settings.max_images_per_request)
     answer = await engine.infer_oip(parsed, name, version_number(request, name), x_request_timeout)
     body, header_length = oip.encode_response(answer)
     if header_length is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from igcv2.artifact import InputSpec
 from service import oip
-from service.errors import BadInput
+from service.errors import BadInput, TooLarge
 
 SPEC = InputSpec(height=4, width=3, channels=1, mean=[0.5], std=[0.25])
 LABELS = ["zero", "one", "two", "three"]
@@ -262,3 +263,19 @@ def test_model_metadata_declares_the_batch_dimension_as_minus_one() -> None:
                       "encoded": ("BYTES", [-1, 1])}
     assert oip.output_metadata(4) == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 4]},
                                       {"name": "logits", "datatype": "FP32", "shape": [-1, 4]}]
+
+
+def test_a_bytes_tensor_over_the_image_limit_is_refused_before_its_elements_are_read() -> None:
+    """8 million empty elements fit in a 32 MiB body; reading them held the event loop for 3 s."""
+    tensor = {"name": "encoded", "datatype": "BYTES", "shape": [2_000_000]}
+    body, header_length = binary_request(tensor, b"\0\0\0\0" * 2_000_000)
+    started = time.perf_counter()
+    with pytest.raises(TooLarge, match="2000000 BYTES elements; the limit is 64") as caught:
+        oip.parse_request(body, header_length, max_bytes_elements=64)
+    assert caught.value.status_code == 413 and time.perf_counter() - started < 0.5
+
+
+def test_bytes_elements_beyond_the_shape_stop_the_reading() -> None:
+    tensor = {"name": "encoded", "datatype": "BYTES", "shape": [1]}
+    with pytest.raises(BadInput, match="more than the 1 BYTES elements"):
+        oip.parse_request(*binary_request(tensor, b"\0\0\0\0" * 1000))
