@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (classify.router, models.router, health.router, v2.router):
         app.include_router(router)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
     async def prometheus_metrics() -> Response:
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):

@@ -11,12 +11,13 @@ from service.registry import ModelRegistry
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health/live", response_model=Health)
+@router.api_route("/health/live", methods=["GET", "HEAD"], response_model=Health)
 async def live() -> dict:
     return {"status": "live"}
 
 
-@router.get("/health/ready", response_model=Health, responses={503: {"description": "Not ready yet"}})
+@router.api_route("/health/ready", methods=["GET", "HEAD"], response_model=Health,
+                  responses={503: {"description": "Not ready yet"}})
 async def ready(request: Request) -> JSONResponse:
     registry: ModelRegistry = request.app.state.registry
     models = [{"name": m.name, "version": m.version, "state": str(m.state), "reason": m.reason} for m in registry.all()]

@@ -128,12 +128,12 @@ async def server_metadata(request: Request) -> dict:
     return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
 
 
-@router.get("/v2/health/live")
+@router.api_route("/v2/health/live", methods=["GET", "HEAD"])
 async def server_live() -> dict:
     return {"live": True}
 
 
-@router.get("/v2/health/ready")
+@router.api_route("/v2/health/ready", methods=["GET", "HEAD"])
 async def server_ready(request: Request) -> dict:
     """200 once every configured model is loaded and warmed up; 503 (with the reason) before, and while draining."""
     registry: ModelRegistry = request.app.state.registry

@@ -475,3 +475,11 @@ def test_metrics_labels_stay_bounded_under_many_names(client: TestClient) -> Non
 def test_the_layers_read_the_query_as_the_routes_do(query: bytes, expected: tuple[str | None, str | None]) -> None:
     """Metrics and shedding must name the model the route serves, not another one given first."""
     assert classify_target(query) == expected
+
+
+@pytest.mark.parametrize("path", ["/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics"])
+def test_probes_and_scrapes_answer_head_as_well(client: TestClient, path: str) -> None:
+    """Some load balancers check with HEAD; those routes answered 405. Open like their GET."""
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
