@@ -103,6 +103,8 @@ async def read_body(request: Request) -> bytes:
         raise TooLarge(f"body inflates past the limit of {limit} bytes")
     if not inflater.eof:
         raise BadInput(f"truncated {encoding} body")
+    if inflater.unused_data:
+        raise BadInput(f"{len(inflater.unused_data)} bytes follow the end of the {encoding} stream")
     return inflated
 
 

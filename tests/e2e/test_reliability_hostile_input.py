@@ -8,6 +8,7 @@ server under test: 1,000,000 pixels, 2,000,000 body bytes, 12 images per request
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
@@ -351,6 +352,12 @@ RAW: dict[str, Raw] = {
     "repository index with a 5000-digit integer": Raw(http_request("POST", "/v2/repository/index",
                                                                    b'{"ready": ' + b"1" * 5000 + b"}",
                                                                    {"Content-Type": "application/json"}), (400,)),
+    "gzip body": Raw(http_request("POST", "/v2/repository/index", gzip.compress(b'{"ready": true}'),
+                                  {"Content-Type": "application/json", "Content-Encoding": "gzip"}), (200,)),
+    "gzip body with bytes after its end": Raw(http_request("POST", "/v2/repository/index",
+                                                           gzip.compress(b'{"ready": true}') + b"junk",
+                                                           {"Content-Type": "application/json",
+                                                            "Content-Encoding": "gzip"}), (400,)),
     "model given twice (FastAPI takes the last)": Raw(http_request("POST", "/classify?model=nosuch&model=igcv2-fashion",
                                                                    PNG, {"Content-Type": "image/png"}), (200,)),
     "NUL in the model name": Raw(http_request("POST", "/classify?model=%00", PNG, {"Content-Type": "image/png"}),
