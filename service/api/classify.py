@@ -24,7 +24,8 @@ async def read_uploads(request: Request, max_images: int) -> list[Upload]:
             form = await request.form(max_files=max_images, max_fields=max_images + 16)
         except HTTPException as exc:
             if "Too many" in str(exc.detail):
-                raise TooLarge(f"too many parts in the form; the limit is {max_images} images") from exc
+                raise TooLarge(f"too many parts in the form; the limit is {max_images} file parts (images) and "
+                               f"{max_images + 16} other fields") from exc
             raise BadInput(f"malformed multipart body: {exc.detail}") from exc
         uploads = []
         for index, part in enumerate(form.getlist("file")):
