@@ -10,7 +10,10 @@ Policy (after Triton / TF Serving, avoiding TorchServe's and LitServe's worker-s
 * with ``max_queue_delay_s`` > 0 an instance waits for a fuller batch, but never longer than that
   delay *measured from the oldest queued image's arrival*;
 * the queue is bounded in images: a request that does not fit is refused at once (503 with
-  Retry-After), nothing blocks; an image whose request deadline has passed is never computed.
+  Retry-After), nothing blocks; an image whose request deadline has passed is never computed;
+* a batch is one tensor, so one input kind (uint8 images, or the v2 protocol's normalised float
+  tensors): the oldest image's kind, gathered from the whole queue, while the other kind keeps its
+  place at the head for the next batch (alternating kinds no longer make batches of one).
 
 Batches are formed on the inference threads, not on the event loop: a thread that finishes a batch
 takes the next one at once, whatever the loop is busy with (a burst of arrivals to parse and decode),
@@ -247,17 +250,20 @@ class DynamicBatcher:
                     break
             now = time.monotonic()
             size = self.cuts[min(len(self._queue), self.max_batch_size)]
+            other_kind: list[_Item] = []  # one input kind per batch (uint8 images or float tensors): one tensor
             while self._queue and len(batch) < size:
-                if batch and self._queue[0].image.dtype != batch[0].image.dtype:
-                    break  # one input kind per batch (uint8 images or normalised float tensors): one tensor
                 item = self._queue.popleft()
                 if item.abandoned:
                     continue
                 if item.deadline <= now:
                     expired.append(item)
                     continue
+                if batch and item.image.dtype != batch[0].image.dtype:
+                    other_kind.append(item)  # stays queued, in order, for a batch of its own kind
+                    continue
                 item.started = now
                 batch.append(item)
+            self._queue.extendleft(reversed(other_kind))
             self._depth.set(len(self._queue))
             if batch:
                 self._in_flight[id(batch)] = batch

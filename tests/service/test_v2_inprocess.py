@@ -81,15 +81,16 @@ def test_batches_hold_one_input_kind_and_statistics_count_them() -> None:
 
     batcher = asyncio.run(scenario())
     assert all(len(set(kinds)) == 1 for kinds in seen), seen
-    # FIFO: a batch ends where the kind changes (nothing is overtaken), so here none mixes and none merges
-    assert [len(k) for k in seen] == [2, 1, 3, 2]
+    # A batch takes the oldest image's kind from the whole queue; the other kind keeps its place at the head
+    # for the next batch. Alternating kinds used to end a batch at each change: four batches, not two.
+    assert [len(k) for k in seen] == [5, 3] and seen[0][0] == np.uint8
     stats = batcher.stats.triton("kinds", 1)
     inference = stats["inference_stats"]
-    assert stats["version"] == "1" and stats["inference_count"] == 8 and stats["execution_count"] == 4
+    assert stats["version"] == "1" and stats["inference_count"] == 8 and stats["execution_count"] == 2
     assert inference["success"]["count"] == 4 and inference["fail"]["count"] == 2
     assert inference["queue"]["count"] == 4 and inference["compute_infer"]["count"] == 4
     assert inference["compute_infer"]["ns"] >= 4 * 10_000_000  # each request waited for its 10 ms batch
-    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(1, 1), (2, 2), (3, 1)]
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(3, 1), (5, 1)]
     assert stats["last_inference"] > 0
 
 
