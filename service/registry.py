@@ -236,13 +236,13 @@ class ModelRegistry:
         with self._lock:
             refused = self._closed or (not register and self._models.get(key) is not served)
             if not refused:
+                served.state, served.reason = State.READY, None  # registered ready: requests may queue at once
                 self._models[key] = served
                 self._loop.call_soon_threadsafe(served.batcher.start)
         if refused:
             for runner in runners:
                 runner.close()
             raise Unavailable(f"{served.name} v{served.version}: the service shut down while it loaded", 1)
-        served.state, served.reason = State.READY, None
         metrics.MODEL_READY.labels(**served.labels).set(1)
         metrics.WARMUP_DURATION.labels(**served.labels).set(served.warmup_s)
         r = runners[0]
