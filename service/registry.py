@@ -150,15 +150,26 @@ class ModelRegistry:
         return list(out)
 
     def load_configured(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Load every configured model version (called once, in a background thread)."""
+        """Load every configured model version (called once, in a background thread).
+
+        Nothing starts loading once the registry is closed (uvicorn may fail to bind, or a SIGTERM
+        come, before this thread has registered anything): every version either is registered
+        LOADING while its threads exist, which :meth:`loading` reports and the process abandons, or
+        never gets threads, which the process would otherwise wait for at exit."""
         self._loop = loop
         targets = self.configured_versions()
         with self._lock:
+            if self._closed:
+                self.started = True
+                return
             self._configured = set(targets)
             for name, version in targets:
                 self._models[(name, version)] = ServedModel(name, version, self.store / name / str(version))
         for name, version in targets:
             served = self._models[(name, version)]
+            if self._closed:
+                served.state, served.reason = State.FAILED, "the service shut down before it loaded"
+                continue
             try:
                 self._load(served)
             except Unavailable as exc:  # the service shut down while it warmed up: not a fault

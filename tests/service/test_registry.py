@@ -289,6 +289,19 @@ def test_a_load_that_ends_after_close_never_serves_and_leaves_no_thread(store: P
     asyncio.run(main())
 
 
+def test_a_startup_load_that_begins_after_close_starts_nothing(store: Path) -> None:
+    """uvicorn failed to bind (or a SIGTERM came) before the loader thread registered anything: it
+    must create no inference thread, which the process would wait for at exit (then abort)."""
+    async def main() -> None:
+        registry = ModelRegistry(settings_for(store, "good:1"))
+        await registry.close()
+        await asyncio.to_thread(registry.load_configured, asyncio.get_running_loop())
+        assert registry.all() == [] and registry.loading() == [] and registry.started
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("infer-good")]
+
+    asyncio.run(main())
+
+
 def test_a_control_route_load_of_a_version_still_warming_up_is_refused(store: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Both loads would finish; the second to register used to orphan the other's batcher, whose
