@@ -27,6 +27,7 @@ from igcv2.networks import build
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+VERSION_TEXT = re.compile(r"[1-9][0-9]{0,17}")  # a version as clients write it: ASCII digits int() takes, no 0
 
 
 class ArtifactError(ValueError):
@@ -101,7 +102,7 @@ def versions(model_dir: Path) -> list[int]:
     """Integer version folders present under a model directory, ascending."""
     if not Path(model_dir).is_dir():
         return []
-    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and VERSION_TEXT.fullmatch(p.name))
 
 
 def read_config(path: Path) -> ArtifactConfig:

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from igcv2.artifact import MODEL_NAME
 
 ENV_PREFIX = "IGCV2_"
+MAX_REQUEST_TIMEOUT_S = 3600  # the longest deadline a request may ask for (X-Request-Timeout, OIP timeout)
 # Settings a model's config.json "serving" section may override (unless the operator set them).
 BATCHING_FIELDS = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "request_timeout_s", "instances")
 

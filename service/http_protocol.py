@@ -51,7 +51,7 @@ class BoundedHttpTools(HttpToolsProtocol):
             self._head_bytes += len(data)  # a chunk that also ends the head counts whole, but is then not checked
         super().data_received(data)
         if self._in_head and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
-            self._refuse(*self._too_long())
+            self._refuse(*self._too_long(self._head_bytes))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -65,7 +65,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         self._stop_head_timer()
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.max_head_bytes:
-            self._refusal = self._too_long()
+            self._refusal = self._too_long(size)
             raise _HeadRefused
         super().on_headers_complete()
 
@@ -76,11 +76,12 @@ class BoundedHttpTools(HttpToolsProtocol):
         else:
             self._refuse(*self._refusal)
 
-    def _too_long(self) -> tuple[int, str]:
+    def _too_long(self, size: int) -> tuple[int, str]:
+        """414 or 431 for a head of ``size`` bytes so far."""
         limit = f"the limit for the request line and headers together is {self.max_head_bytes} bytes"
         if len(self.url) > self.max_head_bytes:
             return 414, f"request target of {len(self.url)} bytes or more; {limit}"
-        return 431, f"request line and headers of {self._head_bytes} bytes or more; {limit}"
+        return 431, f"request line and headers of {size} bytes or more; {limit}"
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from igcv2.artifact import ArtifactConfig, InputSpec
+from service.config import MAX_REQUEST_TIMEOUT_S
 from service.errors import BadInput, TooLarge
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ DATATYPES: dict[str, np.dtype | None] = {
     "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
     "BYTES": None,
 }  # fmt: skip
-MAX_TIMEOUT_US = 3_600_000_000
+MAX_TIMEOUT_US = MAX_REQUEST_TIMEOUT_S * 1_000_000
 MAX_JSON_DEPTH = 32  # nested "data" arrays deeper than any tensor we accept are refused, not recursed into
 
 IMAGE, NORMALIZED, ENCODED = "image", "normalized", "encoded"

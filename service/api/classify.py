@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.api.schemas import ERROR_RESPONSES, ClassifyResponse
+from service.api.schemas import ERROR_RESPONSES, ClassifyResponse, RequestTimeout
 from service.engine import Engine, Upload
 from service.errors import BadInput, TooLarge, UnsupportedMediaType
 
@@ -47,9 +47,7 @@ async def classify(
     model: Annotated[str | None, Query(description="Model name (default: the configured default model).")] = None,
     version: Annotated[int | None, Query(ge=1, description="Model version (default: the highest loaded).")] = None,
     top_k: Annotated[int, Query(ge=1, le=1000, description="Predictions per image.")] = 5,
-    x_request_timeout: Annotated[
-        float | None, Header(gt=0, le=3600, description="Deadline in seconds for this request.")
-    ] = None,
+    x_request_timeout: RequestTimeout = None,
 ) -> dict:
     """Classify one or more images; predictions are sorted by score."""
     engine: Engine = request.app.state.engine

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 from starlette.routing import Match
 
+from igcv2.artifact import VERSION_TEXT
 from service import metrics
 from service.errors import ServiceError, TooLarge, Unavailable
 from service.registry import ModelRegistry
@@ -291,5 +292,5 @@ class Shedding:
             return None
         if version is None:
             return name, None
-        # ASCII digits that int() takes ('²' is a digit; 5000 digits exceed int()'s limit): else the routes answer
-        return (name, int(version)) if version.isascii() and version.isdigit() and len(version) <= 18 else None
+        # Not str.isdigit: '²' is a digit to it, and 5000 digits exceed int()'s limit. Else the routes answer.
+        return (name, int(version)) if VERSION_TEXT.fullmatch(version) else None

@@ -1,10 +1,18 @@
-"""Response bodies, so /docs shows the contract of DESIGN.md section 4."""
+"""Response bodies, so /docs shows the contract of DESIGN.md section 4, and the request header
+both inference routes take."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Header
 from pydantic import BaseModel
+
+from service.config import MAX_REQUEST_TIMEOUT_S
+
+RequestTimeout = Annotated[
+    float | None, Header(gt=0, le=MAX_REQUEST_TIMEOUT_S, description="Deadline in seconds for this request.")
+]
 
 
 class ErrorBody(BaseModel):

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 import zlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
+from igcv2.artifact import VERSION_TEXT
 from service import oip
-from service.api.schemas import ERROR_RESPONSES
+from service.api.schemas import ERROR_RESPONSES, RequestTimeout
 from service.engine import Engine
 from service.errors import BadInput, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable, UnsupportedMediaType
 from service.registry import ModelRegistry, State
@@ -26,8 +26,6 @@ from service.stats import InferenceStats
 router = APIRouter(tags=["v2 (Open Inference Protocol)"], responses=ERROR_RESPONSES)
 SERVER_NAME = "igcv2"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
-VERSION = re.compile(r"^[1-9][0-9]{0,17}$")
-Timeout = Annotated[float | None, Header(gt=0, le=3600, description="Deadline in seconds for this request.")]
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing API key, or missing admin key when IGCV2_ADMIN_KEY is set"},
     403: {"description": "Wrong admin key"},
@@ -62,7 +60,7 @@ def version_number(request: Request, name: str) -> int | None:
     version = request.path_params.get("version")
     if version is None:
         return None
-    if not VERSION.match(version):
+    if not VERSION_TEXT.fullmatch(version):
         raise NotFound(f"model {name!r} has no version {version!r} (versions are positive integers)")
     return int(version)
 
@@ -194,7 +192,7 @@ async def model_config(request: Request, name: str) -> dict:
 async def infer(
     request: Request,
     name: str,
-    x_request_timeout: Timeout = None,
+    x_request_timeout: RequestTimeout = None,
     inference_header_content_length: Annotated[
         str | None, Header(description="Size of the JSON header when binary tensor data follows it.")
     ] = None,
