@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(
         30.0, gt=0, description="Longest a request line and headers may take to arrive (408 after; an idle new "
                                 "connection is closed).")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest pause while a request body arrives (408 after, and the connection is "
+                                "closed); a pause, not a total, so a large upload on a slow link still arrives.")
     decode_threads: int = Field(0, ge=0, description="Threads decoding images (0: one per core, at least 2).")
     inline_decode_pixels: int = Field(
         16_384, ge=0,

@@ -27,6 +27,15 @@ class Forbidden(ServiceError):
     status_code = 403
 
 
+class BodyTimeout(ServiceError):
+    """A request body stalled: the connection closes after the answer (the rest cannot be trusted)."""
+
+    status_code = 408
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, {"Connection": "close"})
+
+
 class NotFound(ServiceError):
     """Unknown model or version."""
 

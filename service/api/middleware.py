@@ -21,7 +21,7 @@ from starlette.routing import Match
 
 from igcv2.artifact import VERSION_TEXT
 from service import metrics
-from service.errors import ServiceError, TooLarge, Unavailable
+from service.errors import BodyTimeout, ServiceError, TooLarge, Unavailable
 from service.registry import ModelRegistry
 
 Scope = MutableMapping[str, Any]
@@ -174,11 +174,15 @@ def bearer_matches(scope: Scope, key: bytes) -> bool:
 
 class BodyLimit:
     """413 before reading a body whose Content-Length is over the limit, and while streaming one
-    that grows past it (chunked uploads), so an oversized body is never buffered whole."""
+    that grows past it (chunked uploads), so an oversized body is never buffered whole; 408 when a
+    body stalls, no new byte for ``idle_timeout_s``, so a client trickling its body (slowloris on
+    the body, which uvicorn does not time out) holds neither its request nor its connection for long.
+    """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -189,11 +193,20 @@ class BodyLimit:
                 await send_error(send, 413, f"body of {value.decode()} bytes exceeds the limit of {self.max_bytes}")
                 return
         received = 0
+        complete = False
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # what is left to wait for is the client's disconnect: no time limit on that
+                return await receive()
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(f"request body stalled: nothing received for {self.idle_timeout_s:g} s "
+                                  f"after {received} bytes") from None
             if message["type"] == "http.request":
+                complete = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise TooLarge(f"body exceeds the limit of {self.max_bytes} bytes")

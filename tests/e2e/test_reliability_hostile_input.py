@@ -33,13 +33,15 @@ MAX_PIXELS = 1_000_000
 MAX_BODY = 2_000_000
 MAX_IMAGES = 12
 HEADER_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp_path = tmp_path_factory.mktemp("hostile")
     env = fast_env(default_model_store(tmp_path), max_image_pixels=str(MAX_PIXELS), max_body_bytes=str(MAX_BODY),
-                   max_images_per_request=str(MAX_IMAGES), header_timeout_s=str(HEADER_TIMEOUT_S))
+                   max_images_per_request=str(MAX_IMAGES), header_timeout_s=str(HEADER_TIMEOUT_S),
+                   body_timeout_s=str(BODY_TIMEOUT_S))
     with live_server(tmp_path, env) as running:
         yield running
 
@@ -462,6 +464,58 @@ def test_the_head_limit_applies_to_each_request_on_a_kept_alive_connection(serve
     assert second.startswith(b"HTTP/1.1 431"), second[:300]
     assert "the limit for the request line and headers together is 65536 bytes" in second.decode()
     assert_serving(server)
+
+
+def stalled_body(content_type: str, body: bytes) -> tuple[bytes, int]:
+    """A /classify head promising ``body``, and the part of it sent before the stall."""
+    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body[:len(body) // 2], len(body) // 2
+
+
+@pytest.mark.parametrize("shape", ["raw", "multipart"])
+def test_a_body_that_stalls_gets_408_after_the_body_timeout(server: LiveServer, shape: str) -> None:
+    """Slowloris on the body: a client that sends its head and part of its body, then nothing,
+    gets a JSON 408 once the body has paused for the timeout, and its connection is closed."""
+    if shape == "raw":
+        request, sent = stalled_body("image/png", PNG)
+    else:
+        boundary = "stall"
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n").encode() + PNG + f"\r\n--{boundary}--\r\n".encode()
+        request, sent = stalled_body(f"multipart/form-data; boundary={boundary}", body)
+    refused_before = metric(server, "igcv2_requests_total", endpoint="/classify", code="408")
+    with connect(server) as sock:
+        sock.sendall(request)
+        started = time.monotonic()
+        answer = read_until_closed(sock)  # the server closes: the rest of this body is not awaited
+        waited = time.monotonic() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b"application/json" in head, answer[:300]
+    assert json.loads(body)["error"] == (f"request body stalled: nothing received for {BODY_TIMEOUT_S:g} s "
+                                         f"after {sent} bytes")
+    assert BODY_TIMEOUT_S - 0.2 < waited < BODY_TIMEOUT_S + 3
+    assert metric(server, "igcv2_requests_total", endpoint="/classify", code="408") == refused_before + 1
+    assert_serving(server)
+
+
+def test_a_slow_but_steady_body_is_not_timed_out(server: LiveServer) -> None:
+    """The body timeout bounds a pause, not the whole upload: a body arriving in pieces over more
+    than the timeout, each pause shorter than it, is answered as usual."""
+    request, _ = stalled_body("image/png", PNG)
+    head_end = request.index(b"\r\n\r\n") + 4
+    pieces = [request[:head_end], *(PNG[i:i + len(PNG) // 5 + 1] for i in range(0, len(PNG), len(PNG) // 5 + 1))]
+    with connect(server) as sock:
+        started = time.monotonic()
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(BODY_TIMEOUT_S / 4)
+        sock.shutdown(socket.SHUT_WR)  # Connection: close, in effect; the answer then ends with the stream
+        answer = read_until_closed(sock)
+    assert time.monotonic() - started > BODY_TIMEOUT_S  # longer than the timeout in all
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert json.loads(body)["results"][0]["predictions"]
 
 
 def test_server_survived_the_whole_corpus(server: LiveServer) -> None:
