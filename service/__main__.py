@@ -88,13 +88,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def abandon_loading(registry: ModelRegistry, code: int) -> None:
-    """Exit with ``code`` at once if configured models are still compiling (nothing waits for them).
+    """Exit with ``code`` at once if models are still compiling, or still computing past the shutdown
+    timeout (a hung device call): nothing waits for them.
 
-    A normal exit would wait for the compilation (executor threads are joined at exit: a minute on
-    2 cores) and then abort the process, a C++ thread torn down under it ("terminate called", SIGABRT).
+    A normal exit would wait for them (executor threads are joined at exit: a compilation takes a
+    minute on 2 cores, a hung call forever), then abort the process, a C++ thread torn down under it
+    ("terminate called", SIGABRT).
     """
-    if loading := registry.loading():
-        logging.getLogger("igcv2").warning("exiting while %s still loading: abandoned", ", ".join(loading))
+    busy = [f"{name} still loading" for name in registry.loading()]
+    busy += [f"{name} still computing" for name in registry.still_computing()]
+    if busy:
+        logging.getLogger("igcv2").warning("exiting while %s: abandoned", ", ".join(busy))
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -311,11 +311,13 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
 
-    async def close(self, timeout: float) -> None:
-        """Stop taking requests, finish what is queued (up to ``timeout``), stop draining."""
+    async def close(self, timeout: float) -> bool:
+        """Stop taking requests, finish what is queued (up to ``timeout``), stop draining. False when
+        an instance was still computing at the timeout (its images are answered 503 all the same)."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+        stuck: set[Any] = set()
         if self._drains:
             _, stuck = await asyncio.wait([asyncio.wrap_future(f) for f in self._drains], timeout=timeout)
             if stuck:
@@ -329,3 +331,4 @@ class DynamicBatcher:
         for item in unanswered:
             if not item.future.done():
                 item.future.set_exception(Unavailable("shut down before this image was computed", 1))
+        return not stuck

@@ -125,6 +125,7 @@ class ModelRegistry:
         self._models: dict[tuple[str, int], ServedModel] = {}
         self._configured: set[tuple[str, int]] = set()
         self._pending: set[tuple[str, int]] = set()  # loads through the control route, not yet registered
+        self._stuck: list[str] = []  # released versions whose inference threads never finished computing
         self._lock = threading.Lock()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -325,12 +326,26 @@ class ModelRegistry:
         settle_heap()
         return targets
 
+    def still_computing(self) -> list[str]:
+        """Released versions (``name vN``) whose inference threads were still computing when their
+        time was up (a hung device call): nothing waits for them, the process exit included."""
+        with self._lock:
+            return list(self._stuck)
+
     async def release(self, served: ServedModel, timeout: float | None = None) -> None:
-        """Stop serving a version: its queue gets ``timeout`` (default: the shutdown timeout) to finish."""
+        """Stop serving a version: its queue gets ``timeout`` (default: the shutdown timeout) to finish.
+        A compute still running then is left to its thread, so an unload or a shutdown never hangs on it."""
+        finished = True
         if served.batcher is not None:
-            await served.batcher.close(self.settings.shutdown_timeout_s if timeout is None else timeout)
+            finished = await served.batcher.close(self.settings.shutdown_timeout_s if timeout is None else timeout)
+        if not finished:
+            with self._lock:
+                self._stuck.append(f"{served.name} v{served.version}")
         for runner in served.runners:
-            await asyncio.to_thread(runner.close)
+            if finished:
+                await asyncio.to_thread(runner.close)
+            else:
+                runner.close(wait=False)
         metrics.MODEL_READY.labels(**served.labels).set(0)
 
     async def close(self, timeout: float | None = None) -> None:

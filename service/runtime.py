@@ -187,8 +187,9 @@ class ModelRunner:
         batcher never mixes the two); call on ``self.executor``."""
         return self.predict(inputs) if inputs[0].dtype == np.uint8 else self.predict_normalized(inputs)
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the inference thread: after its current call, or, without ``wait``, whenever that returns."""
+        self.executor.shutdown(wait=wait)
 
 
 def own_cuda_graph_trees() -> None:

@@ -394,6 +394,45 @@ def test_unload_drains_queued_work_and_removes(store: Path) -> None:
     with_registry(store, "good:2", body)
 
 
+def test_a_hung_compute_holds_up_neither_unload_nor_shutdown(store: Path) -> None:
+    """A device call that never returns (a hung GPU kernel): unload and close() end after their
+    timeout anyway, its request gets 503, and the version is reported as still computing, so the
+    process exits without waiting for that thread (``service.__main__.abandon_loading``)."""
+    images = fashion_test_images(1)[0]
+    release = threading.Event()
+
+    async def main() -> None:
+        registry = ModelRegistry(settings_for(store, "good:1,good:2", shutdown_timeout_s=0.3))
+        await asyncio.to_thread(registry.load_configured, asyncio.get_running_loop())
+        await asyncio.sleep(0)  # the batchers start on the loop
+        hung = registry.resolve("good", 2)
+        entered = threading.Event()
+
+        def hang(inputs: list[np.ndarray]) -> np.ndarray:
+            entered.set()
+            release.wait(60)
+            return np.zeros((len(inputs), 10), np.float32)
+
+        hung.runners[0].run = hang  # type: ignore[method-assign]
+        request = asyncio.ensure_future(served_logits(hung, images))
+        assert await asyncio.to_thread(entered.wait, 10)
+        started = time.monotonic()
+        await asyncio.wait_for(registry.unload("good", 2), 10)
+        assert time.monotonic() - started < 3
+        with pytest.raises(Unavailable, match="shut down before this image was computed"):
+            await request
+        assert registry.still_computing() == ["good v2"]
+        assert registry.resolve("good").version == 1  # the other version serves on
+        assert (await served_logits(registry.resolve("good"), images)).shape == (1, 10)
+        await asyncio.wait_for(registry.close(), 10)
+        assert registry.still_computing() == ["good v2"]
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+
+
 # ----- small helpers -----
 
 @pytest.mark.parametrize(("value", "expected"), [(None, None), ("", None), ("3", 3), (4, 4)])
