@@ -19,6 +19,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -111,7 +112,7 @@ class ModelRunner:
         for param in module.parameters():
             param.requires_grad_(False)
         self.module = module
-        self.forward: nn.Module = module
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = module
         pin = self.device.type == "cuda"
         self.host_buffers = {b: torch.zeros((b, *self.input_shape), dtype=torch.uint8, pin_memory=pin)
                              for b in self.buckets}
@@ -156,7 +157,8 @@ class ModelRunner:
         if self.options.compile:
             try:
                 torch._dynamo.config.recompile_limit = max(8, 2 * len(self.buckets))
-                self.forward = torch.compile(self.module, mode=self.options.mode, dynamic=False)
+                torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error here, never a silent eager
+                self.forward = torch.compile(own_code(self.module), mode=self.options.mode, dynamic=False)
                 with torch._inductor.config.patch(**inductor_options(self.device)):
                     self._run_buckets()  # compiles: dynamo compiles lazily, one graph per bucket
                 self.compiled = True
@@ -190,6 +192,22 @@ class ModelRunner:
     def close(self, wait: bool = True) -> None:
         """Stop the inference thread: after its current call, or, without ``wait``, whenever that returns."""
         self.executor.shutdown(wait=wait)
+
+
+def own_code(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module``'s forward behind a code object of its own, for ``torch.compile``.
+
+    Dynamo keeps its compiled graphs (one per bucket) on the code object it compiles, and
+    ``recompile_limit`` counts them there: compiling ``module`` itself would pile every instance,
+    version and reload of one architecture onto the same ``forward`` (graphs of unloaded models
+    included), until the limit silently turned the next model eager at half speed. Here the graphs
+    live and die with this runner.
+    """
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return module(images)
+
+    forward.__code__ = forward.__code__.replace()  # a copy: each call of own_code would share one otherwise
+    return forward
 
 
 def own_cuda_graph_trees() -> None:

@@ -173,6 +173,29 @@ def test_cpu_graphs_are_frozen(make_tiny_artifact: MakeArtifact) -> None:
         runner.close()
 
 
+@pytest.mark.timeout(300)
+def test_every_instance_and_reload_of_one_architecture_is_compiled(make_tiny_artifact: MakeArtifact) -> None:
+    """Dynamo keeps one graph per bucket on the code object it compiles, up to ``recompile_limit``.
+    Three instances of one network (IGCV2_INSTANCES=3, or a version loaded thrice) used to share
+    the network's ``forward``: the third passed the limit and served eager at half speed while
+    reporting itself compiled. Each runner now compiles its own graphs."""
+    from torch._dynamo.utils import counters
+
+    artifact = make_tiny_artifact(seed=7)
+    graphs = counters["stats"]["unique_graphs"]
+    runners = [warmed(artifact, compile=True, max_batch_size=4) for _ in range(3)]  # 3 buckets each: 9 > 8
+    try:
+        assert [r.compiled for r in runners] == [True, True, True]
+        assert counters["stats"]["unique_graphs"] - graphs == 9, "one graph per bucket per instance"
+        batch = images(3, seed=70)
+        for runner in runners:
+            np.testing.assert_allclose(runner.executor.submit(runner.predict, batch).result(),
+                                       eager_logits(artifact, batch), rtol=1e-4, atol=1e-5)
+    finally:
+        for runner in runners:
+            runner.close()
+
+
 def raising_compile(*args: Any, **kwargs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A torch.compile whose graph fails on its first call, as an inductor error would."""
     def compiled(batch: torch.Tensor) -> torch.Tensor:
