@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Dynamically batched, compiled IGCV2 image classifiers with Prometheus metrics.",
         version="0.1.0",
         lifespan=lifespan,
+        redirect_slashes=False,  # an API: "/models/" is a 404 like any unknown path, not a redirect to "/models"
     )
     app.state.settings, app.state.registry, app.state.engine, app.state.draining = settings, registry, engine, False
     for router in (classify.router, models.router, health.router, v2.router):

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service import metrics
-from service.errors import DeadlineExceeded, Unavailable
+from service.errors import DeadlineExceeded, TooLarge, Unavailable
 from service.stats import InferenceStats
 
 log = logging.getLogger("igcv2.batching")
@@ -155,6 +155,9 @@ class DynamicBatcher:
         so an overloaded server sheds a request before spending CPU on it."""
         if self._closed:
             raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
+        if n > self.max_queue_size:  # would never fit: retrying cannot help
+            raise TooLarge(f"{n} images in one request; this model version queues at most {self.max_queue_size} "
+                           "(max_queue_size)")
         if len(self._queue) + n > self.max_queue_size:
             self._rejected_full.inc(n)
             self.stats.record_failure(0.0)

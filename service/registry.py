@@ -8,6 +8,7 @@ service: it is reported as failed, with the reason, in /models and the logs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import enum
 import gc
@@ -346,7 +347,10 @@ class ModelRegistry:
                 await asyncio.to_thread(runner.close)
             else:
                 runner.close(wait=False)
-        metrics.MODEL_READY.labels(**served.labels).set(0)
+        for gauge in (metrics.MODEL_READY, metrics.QUEUE_DEPTH, metrics.QUEUE_CAPACITY):
+            # Gone, not 0: an unloaded version is not a version that is not ready (which alerts).
+            with contextlib.suppress(KeyError):
+                gauge.remove(served.name, str(served.version))
 
     async def close(self, timeout: float | None = None) -> None:
         """Graceful shutdown: every batcher finishes its queue (in ``timeout``), then inference threads

@@ -26,5 +26,6 @@ async def ready(request: Request) -> JSONResponse:
     waiting = [f"{m['name']} v{m['version']} {m['state']}" for m in models if m["state"] != "ready"]
     status = "draining" if request.app.state.draining else "not ready"
     return JSONResponse(
-        {"error": f"{status}: {', '.join(waiting) or 'models not loaded yet'}", "models": models}, status_code=503
+        {"error": f"{status}: {', '.join(waiting) or 'models not loaded yet'}", "models": models}, status_code=503,
+        headers={"Retry-After": "1" if request.app.state.draining else "5"},
     )

@@ -101,7 +101,8 @@ def assert_model_served(server: LiveServer) -> None:
     assert response.status_code == 200, response.text
 
 
-TRAVERSALS = ["..", "%2e%2e", ".%2e", "..%2f..%2foutside%2fevil", "%2e%2e%2foutside%2fevil", "..%2Foutside%2Fevil",
+TRAVERSALS = ["..", "%2e%2e", ".%2e", "%2e%2e%2f", "..%2f",
+              "..%2f..%2foutside%2fevil", "%2e%2e%2foutside%2fevil", "..%2Foutside%2Fevil",
               "..%5coutside%5cevil", "%252e%252e%252foutside%252fevil", "....%2f%2foutside%2fevil", ".evil",
               "evil%00", "%00", "~", "outside%2fevil"]
 INFER_BODY = json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "UINT8",

@@ -253,7 +253,9 @@ def test_draining_refuses_new_work_but_stays_live(client: TestClient) -> None:
         assert requests_total("/classify", DEFAULT_MODEL, 503) == before + 1
         assert response.headers["retry-after"] == "1"
         assert client.get("/health/live").status_code == 200
-        assert_error(client.get("/health/ready"), 503, "draining")
+        not_ready = client.get("/health/ready")
+        assert_error(not_ready, 503, "draining")
+        assert not_ready.headers["retry-after"] == "1"
     finally:
         client.app.state.draining = False  # type: ignore[attr-defined]
     assert client.post("/classify", files=multipart(fashion_pngs(1)), headers=AUTH).status_code == 200
@@ -369,7 +371,9 @@ def test_ready_is_503_while_a_configured_model_failed(store: Path, tmp_path: Pat
         while not broken_client.app.state.registry.started:  # type: ignore[attr-defined]
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert_error(broken_client.get("/health/ready"), 503, f"not ready: {name} v1 failed")
+        not_ready = broken_client.get("/health/ready")
+        assert_error(not_ready, 503, f"not ready: {name} v1 failed")
+        assert not_ready.headers["retry-after"] == "5"
         listing = broken_client.get("/models").json()["models"]
         assert listing[0]["state"] == "failed" and "checksum mismatch" in listing[0]["reason"]
         response = broken_client.post("/classify", files=multipart(fashion_pngs(1)))

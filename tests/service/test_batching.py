@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from service.batching import DynamicBatcher, batch_cuts, fill_waits
-from service.errors import DeadlineExceeded, Unavailable
+from service.errors import DeadlineExceeded, TooLarge, Unavailable
 
 _names = itertools.count()
 
@@ -354,12 +354,16 @@ def test_full_queue_refuses_at_once_with_retry_after() -> None:
     run(main)
 
 
-def test_request_larger_than_the_queue_is_refused() -> None:
+def test_request_larger_than_the_queue_is_413_not_a_retry() -> None:
+    """An empty queue would not hold it either: a 503 telling the client to retry (and counted as
+    shed load, which alerts) would be a lie."""
     async def main() -> None:
         model = Model()
-        batcher, _ = make(model, queue=4)
-        with pytest.raises(Unavailable):
+        batcher, labels = make(model, queue=4)
+        shed_before = metric("igcv2_rejected_images_total", labels, reason="queue_full")
+        with pytest.raises(TooLarge, match="5 images in one request; this model version queues at most 4"):
             await classify(batcher, *range(5))
+        assert metric("igcv2_rejected_images_total", labels, reason="queue_full") == shed_before
         assert await classify(batcher, *range(4)) == [0, 1, 2, 3]
         await batcher.close(5)
 

@@ -380,7 +380,9 @@ def test_unload_drains_queued_work_and_removes(store: Path) -> None:
         with pytest.raises(NotFound):
             registry.resolve("good", 2)
         assert registry.resolve("good").version == 1
-        assert ready_gauge("good", 2) == 0
+        # Its series are gone, not 0: an unloaded version is not one that failed (IGCV2ModelNotReady).
+        assert ready_gauge("good", 2) is None and ready_gauge("good", 1) == 1
+        assert REGISTRY.get_sample_value("igcv2_queue_capacity", {"model": "good", "version": "2"}) is None
         assert all(r.executor._shutdown for r in v2.runners)  # its inference threads are gone
         with pytest.raises(Unavailable):
             await served_logits(v2, images[:1])  # a request that still holds the old version
