@@ -323,6 +323,14 @@ def test_inference_service_uses_the_runtime_with_the_v2_protocol():
     assert model["storageUri"], "where the model store comes from"
 
 
+def test_kserve_applies_on_a_fresh_cluster():
+    """Everything it names is in it: the namespace, and the claim its storageUri reads the store from."""
+    rendered = docs("kserve")
+    assert one(rendered, "Namespace")["metadata"]["name"] == kserve("InferenceService")["metadata"]["namespace"]
+    claim = kserve("InferenceService")["spec"]["predictor"]["model"]["storageUri"].removeprefix("pvc://").split("/")[0]
+    assert one(rendered, "PersistentVolumeClaim")["metadata"]["name"] == claim
+
+
 def test_kserve_runtime_container_is_the_service_image_and_wiring():
     runtime = kserve("ServingRuntime")["spec"]
     (container,) = runtime["containers"]
