@@ -123,6 +123,9 @@ class Settings(BaseSettings):
 
     def batching_for(self, serving: dict[str, Any]) -> dict[str, Any]:
         """Batching settings for one model: defaults < the model's ``serving`` section < explicit env."""
+        if unknown := sorted(set(serving) - set(BATCHING_FIELDS)):  # a typo, or a setting only the operator sets
+            raise ValueError(f"invalid serving section in config.json: {', '.join(map(repr, unknown))} not "
+                             f"allowed; it may set {', '.join(BATCHING_FIELDS)}")
         merged = {name: getattr(self, name) for name in BATCHING_FIELDS}
         overrides = {name: serving[name] for name in BATCHING_FIELDS
                      if name in serving and name not in self.model_fields_set}

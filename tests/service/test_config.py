@@ -73,9 +73,13 @@ def test_serving_section_overrides_defaults() -> None:
     assert isinstance(merged["max_queue_delay_ms"], float) and isinstance(merged["max_batch_size"], int)
 
 
-def test_serving_section_ignores_other_settings() -> None:
-    merged = settings().batching_for({**SERVING, "device": "cuda", "api_key": "x", "max_body_bytes": 1})
-    assert set(merged) == set(BATCHING_FIELDS)
+def test_serving_section_refuses_other_settings() -> None:
+    """Neither a setting only the operator sets (an artifact must not choose the device or the key)
+    nor a typo, which silently ignored would leave the author believing it applied."""
+    for extra in ({"device": "cuda"}, {"api_key": "x"}, {"max_body_bytes": 1}, {"max_batch_sise": 4}):
+        with pytest.raises(ValueError, match=f"invalid serving section in config.json: '{next(iter(extra))}' not "
+                                             "allowed; it may set max_batch_size, "):
+            settings().batching_for({**SERVING, **extra})
 
 
 def test_explicit_environment_beats_serving_section(monkeypatch: pytest.MonkeyPatch) -> None:
