@@ -101,6 +101,21 @@ def fill_waits(bucket_seconds: Mapping[int, float], cuts: Sequence[int]) -> list
     return waits
 
 
+class Reservation:
+    """Room for ``n`` images held in a batcher's queue from a request's admission until its images
+    are queued: a request admitted before decoding is not then refused after it (wasted decoding,
+    under overload, of exactly the requests that could have been served)."""
+
+    def __init__(self, batcher: DynamicBatcher, n: int) -> None:
+        self.batcher = batcher
+        self.n = n
+
+    def release(self) -> None:
+        """Give the room back (at once when the request fails first; idempotent)."""
+        self.batcher._reserved -= self.n
+        self.n = 0
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -120,6 +135,7 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self._instances = list(instances)
         self._queue: deque[_Item] = deque()  # guarded by _changed, as are _closed and _in_flight
+        self._reserved = 0  # room held for admitted requests still decoding (event loop only)
         self._changed = threading.Condition(threading.Lock())
         self._waiting: list[int] = []  # for each waiting instance, the queue depth that ends its wait
         self._closed = False
@@ -151,21 +167,33 @@ class DynamicBatcher:
         return len(self._queue)
 
     def check_room(self, n: int) -> None:
-        """503 at once unless ``n`` more images fit in the queue. The engine asks before decoding,
-        so an overloaded server sheds a request before spending CPU on it."""
+        """503 at once unless ``n`` more images fit in the queue beside those queued and those held
+        for admitted requests: an overloaded server sheds a request before spending CPU on it."""
         if self._closed:
             raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
         if n > self.max_queue_size:  # would never fit: retrying cannot help
+            self.stats.record_failure(0.0)
             raise TooLarge(f"{n} images in one request; this model version queues at most {self.max_queue_size} "
                            "(max_queue_size)")
-        if len(self._queue) + n > self.max_queue_size:
+        if len(self._queue) + self._reserved + n > self.max_queue_size:
             self._rejected_full.inc(n)
             self.stats.record_failure(0.0)
             waiting = f"{len(self._queue)} of {self.max_queue_size} images waiting"
-            raise Unavailable(f"queue full ({waiting}); retry later", 1)
+            held = f", {self._reserved} more admitted and decoding" if self._reserved else ""
+            raise Unavailable(f"queue full ({waiting}{held}); retry later", 1)
 
-    async def submit(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
-        """Queue ``images`` and wait for their outputs (one array per image), or raise 503/504."""
+    def reserve(self, n: int) -> Reservation:
+        """Admission: :meth:`check_room`, then hold the room until :meth:`submit` queues the images."""
+        self.check_room(n)
+        self._reserved += n
+        return Reservation(self, n)
+
+    async def submit(self, images: list[np.ndarray], deadline: float,
+                     reservation: Reservation | None = None) -> list[np.ndarray]:
+        """Queue ``images`` (into the room ``reservation`` held) and wait for their outputs (one
+        array per image), or raise 503/504."""
+        if reservation is not None:
+            reservation.release()  # and queue them in the same step: no other request runs in between
         self.check_room(len(images))
         items = [_Item(image, deadline) for image in images]
         with self._changed:

@@ -23,7 +23,7 @@ import numpy as np
 
 from igcv2.artifact import MODEL_NAME, ArtifactConfig, ArtifactError, load_artifact, versions
 from service import metrics
-from service.batching import DynamicBatcher
+from service.batching import DynamicBatcher, Reservation
 from service.config import Settings
 from service.errors import InvalidParameter, NotFound, Unavailable
 from service.runtime import ModelRunner, RuntimeOptions, resolve_device
@@ -67,19 +67,21 @@ class ServedModel:
         reason = f": {self.reason}" if self.reason else ""
         return f"model {self.name} version {self.version} is not ready ({self.state}{reason})"
 
-    def admit(self, n: int, timeout_s: float | None, arrival: float) -> float:
-        """Admission before any decoding: 503 unless ready with room for ``n`` images. Returns the
-        request's deadline: its own timeout, else this model's ``request_timeout_s``, from arrival."""
+    def admit(self, n: int, timeout_s: float | None, arrival: float) -> tuple[float, Reservation]:
+        """Admission before any decoding: 503 unless ready with room for ``n`` images, room then held
+        for them (release it if the request fails before :meth:`infer`). Returns the request's
+        deadline, its own timeout or else this model's ``request_timeout_s`` from arrival, and the room."""
         if self.state is not State.READY or self.batcher is None:
             raise Unavailable(self.not_ready_message(), 5)
-        self.batcher.check_room(n)
-        return arrival + (timeout_s if timeout_s is not None else self.batching["request_timeout_s"])
+        room = self.batcher.reserve(n)
+        return arrival + (timeout_s if timeout_s is not None else self.batching["request_timeout_s"]), room
 
-    async def infer(self, images: list[np.ndarray], deadline: float) -> list[np.ndarray]:
-        """Logits for each image, through the shared dynamic batcher."""
+    async def infer(self, images: list[np.ndarray], deadline: float,
+                    room: Reservation | None = None) -> list[np.ndarray]:
+        """Logits for each image, through the shared dynamic batcher (into ``room``, from :meth:`admit`)."""
         if self.state is not State.READY or self.batcher is None:
             raise Unavailable(self.not_ready_message(), 5)
-        return await self.batcher.submit(images, deadline)
+        return await self.batcher.submit(images, deadline, room)
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"name": self.name, "version": self.version, "state": str(self.state),

@@ -358,6 +358,21 @@ def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str,
 
 # ----- readiness with a broken model -----
 
+def test_a_request_failing_after_admission_gives_its_queue_room_back(store: Path) -> None:
+    """Admission holds room for a request's images until they are queued; one refused while
+    decoding (a corrupt second image) must not keep it, or the queue would shrink with every bad request."""
+    settings = app_settings(store, max_queue_size=2, max_images_per_request=2)
+    good, corrupt = fashion_pngs(1)[0], fashion_pngs(1)[0][:60]
+    with TestClient(create_app(settings)) as small:
+        wait_ready(small)
+        for _ in range(3):
+            assert_error(small.post("/classify", files=multipart([good, corrupt])), 400)
+        response = small.post("/classify", files=multipart([good, good]))
+        assert response.status_code == 200, response.text
+        served = small.app.state.registry.resolve(DEFAULT_MODEL)  # type: ignore[attr-defined]
+        assert served.batcher._reserved == 0
+
+
 def test_ready_is_503_while_a_configured_model_failed(store: Path, tmp_path: Path) -> None:
     name = "broken-fashion"  # not the default model's name: its metrics stay the other app's
     source = store / DEFAULT_MODEL / str(versions(store / DEFAULT_MODEL)[-1])

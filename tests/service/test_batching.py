@@ -370,6 +370,29 @@ def test_request_larger_than_the_queue_is_413_not_a_retry() -> None:
     run(main)
 
 
+def test_admitted_requests_hold_their_room_until_queued() -> None:
+    """Room is reserved at admission, before decoding: a request admitted is not refused after
+    decoding because others were admitted meanwhile, and later ones are refused before theirs."""
+    async def main() -> None:
+        model = Model()
+        batcher, _ = make(model, queue=4)
+        first = batcher.reserve(3)  # admitted, still decoding
+        with pytest.raises(Unavailable, match=r"queue full \(0 of 4 images waiting, 3 more admitted and decoding\)"):
+            batcher.reserve(2)
+        second = batcher.reserve(1)  # exactly the room left
+        assert len(await batcher.submit([np.full((2, 2, 1), i, np.uint8) for i in range(3)], later(), first)) == 3
+        first.release()  # a no-op once its images were queued
+        second.release()  # its request failed before queueing: the room comes back
+        room = batcher.reserve(4)
+        with pytest.raises(Unavailable):
+            batcher.reserve(1)
+        room.release()
+        assert batcher.depth == 0 and batcher._reserved == 0
+        await batcher.close(5)
+
+    run(main)
+
+
 # ----- deadlines -----
 
 def test_deadline_passing_in_the_queue_is_504_and_never_computed() -> None:

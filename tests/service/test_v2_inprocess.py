@@ -18,7 +18,7 @@ import torch
 from service.app import create_app
 from service.batching import DynamicBatcher
 from service.config import Settings
-from service.errors import DeadlineExceeded, Unavailable
+from service.errors import DeadlineExceeded, TooLarge
 from service.runtime import ModelRunner, RuntimeOptions
 
 
@@ -74,7 +74,7 @@ def test_batches_hold_one_input_kind_and_statistics_count_them() -> None:
             assert [o[0] for o in outputs] == [float(x.ravel()[0]) for x in request]  # each got its own answer
         with pytest.raises(DeadlineExceeded):
             await batcher.submit([np.zeros((2, 2, 1), np.uint8)], time.monotonic() - 1)
-        with pytest.raises(Unavailable, match="queue full"):
+        with pytest.raises(TooLarge, match="queues at most 16"):
             await batcher.submit([np.zeros((2, 2, 1), np.uint8)] * 17, deadline)
         await batcher.close(5)
         return batcher
