@@ -14,9 +14,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -43,8 +44,8 @@ class InputSpec(BaseModel):
     height: int = Field(gt=0)
     width: int = Field(gt=0)
     channels: int = Field(ge=1, le=3)
-    mean: list[float]
-    std: list[float]
+    mean: list[Annotated[float, Field(allow_inf_nan=False)]]
+    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]  # divided by: zero would fail only at inference
 
     @field_validator("channels")
     @classmethod
@@ -52,6 +53,14 @@ class InputSpec(BaseModel):
         if v not in (1, 3):
             raise ValueError("channels must be 1 or 3")
         return v
+
+    @model_validator(mode="after")
+    def _one_statistic_per_channel(self) -> InputSpec:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(
+                f"mean and std need one value per channel ({self.channels}), got {len(self.mean)} and {len(self.std)}"
+            )
+        return self
 
     def shape(self) -> tuple[int, int, int]:
         return self.channels, self.height, self.width
@@ -98,6 +107,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_fits(model: nn.Module, labels: list[str], spec: InputSpec) -> None:
+    """Run one zero batch of the input shape: the network must take it and give one logit per label.
+
+    Builder kwargs, labels and input spec are written independently, so nothing else ties them
+    together; a mismatch would otherwise surface only on the first request (or as wrong labels).
+    """
+    probe = next(model.parameters(), torch.empty(0))
+    training = model.training
+    try:
+        with torch.inference_mode():
+            out = model.eval()(torch.zeros(1, *spec.shape(), dtype=probe.dtype, device=probe.device))
+    except Exception as exc:  # whatever a network raises on a wrong input, the artifact is at fault
+        raise ArtifactError(f"network does not take the input {'x'.join(map(str, spec.shape()))}: {exc}") from exc
+    finally:
+        model.train(training)
+    if tuple(out.shape) != (1, len(labels)):
+        raise ArtifactError(f"network gives {tuple(out.shape)[1:]} outputs per image for {len(labels)} labels")
+
+
 def versions(model_dir: Path) -> list[int]:
     """Integer version folders present under a model directory, ascending."""
     if not Path(model_dir).is_dir():
@@ -131,7 +159,7 @@ def load_artifact(path: Path) -> Artifact:
         raise ArtifactError(f"checksum mismatch for {weights}: config says {config.weights_sha256}, file is {actual}")
     try:
         model = build(config.architecture.builder, **config.architecture.kwargs)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # kwargs reach arbitrary constructors: e.g. num_classes=-1 is a RuntimeError
         raise ArtifactError(f"{path / CONFIG_FILE}: cannot build architecture: {exc}") from exc
     try:
         state = load_file(weights)
@@ -141,6 +169,10 @@ def load_artifact(path: Path) -> Artifact:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ArtifactError(f"{weights} does not fit architecture {config.architecture.builder}: {exc}") from exc
+    try:
+        check_fits(model, config.labels, config.input)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path / CONFIG_FILE} does not fit its network: {exc}") from exc
     return Artifact(config, model.eval(), path)
 
 
@@ -168,12 +200,13 @@ def save_artifact(
     target = model_dir / str(version)
     if target.exists():
         raise FileExistsError(f"{target} already exists")
+    spec = InputSpec.model_validate(input_spec)
+    check_fits(model, labels, spec)  # refuse to write an artifact that load_artifact would refuse
     tmp = model_dir / f".{version}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILE)
-        spec = InputSpec.model_validate(input_spec)
         config = ArtifactConfig(
             name=name,
             version=version,

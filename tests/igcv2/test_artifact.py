@@ -187,6 +187,10 @@ def test_config_missing_a_field(artifact_dir: Path, field: str) -> None:
         (lambda c: c.update(version=0), "version"),
         (lambda c: c.update(labels=[]), "labels"),
         (lambda c: c.update(name="../x"), "name: Value error, model name '../x' must match"),
+        (lambda c: c["input"].update(mean=[0.1, 0.2, 0.3]), "input: Value error, mean and std need one value per"),
+        (lambda c: c["input"].update(mean=[], std=[]), r"one value per channel \(1\), got 0 and 0"),
+        (lambda c: c["input"].update(std=[0]), r"input\.std\.0: Input should be greater than 0"),
+        (lambda c: c["input"].update(std=[float("inf")]), r"input\.std\.0: Input should be a finite number"),
     ],
 )
 def test_config_with_bad_values(artifact_dir: Path, change: Any, match: str) -> None:
@@ -205,6 +209,48 @@ def test_bad_builder_kwargs(artifact_dir: Path) -> None:
     edit_config(artifact_dir, lambda c: c["architecture"]["kwargs"].update(colour="blue"))
     with pytest.raises(ArtifactError, match="cannot build architecture"):
         load_artifact(artifact_dir)
+
+
+def test_num_classes_that_cannot_be_built(artifact_dir: Path) -> None:
+    """torch raises RuntimeError for a negative size; it still comes out as an ArtifactError."""
+    edit_config(artifact_dir, lambda c: c["architecture"]["kwargs"].update(num_classes=-1))
+    with pytest.raises(ArtifactError, match="cannot build architecture"):
+        load_artifact(artifact_dir)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda c: c.update(labels=["a", "b", "c"]), r"network gives \(10,\) outputs per image for 3 labels"),
+        (
+            lambda c: c["input"].update(channels=3, mean=[0.5] * 3, std=[0.5] * 3),
+            "network does not take the input 3x28x28: ",
+        ),
+    ],
+    ids=["labels", "channels"],
+)
+def test_config_that_does_not_fit_its_network(artifact_dir: Path, change: Any, match: str) -> None:
+    """Each part of the config is valid on its own; only together with the network do they disagree."""
+    edit_config(artifact_dir, change)
+    config_file = re.escape(str(artifact_dir / CONFIG_FILE))
+    with pytest.raises(ArtifactError, match=f"{config_file} does not fit its network: {match}"):
+        load_artifact(artifact_dir)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"labels": ["a", "b", "c"]}, "3 labels"),
+        ({"input_spec": {**FASHION_INPUT, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}}, "3x28x28"),
+    ],
+    ids=["labels", "channels"],
+)
+def test_save_refuses_a_config_that_does_not_fit(tmp_path: Path, overrides: dict[str, Any], match: str) -> None:
+    model = trained_looking_model().train()
+    with pytest.raises(ArtifactError, match=match):
+        save(tmp_path / "m", model, **overrides)
+    assert not (tmp_path / "m").exists(), "nothing is written"
+    assert model.training, "the check leaves the model's mode alone"
 
 
 def test_weights_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
