@@ -155,16 +155,35 @@ def fit_image(image: Image.Image, height: int, width: int, channels: int) -> np.
     return array[..., None] if array.ndim == 2 else array
 
 
-def load_image_folder(root: Path, height: int, width: int, channels: int) -> ArrayDataset:
-    """One subfolder per class (sorted names = class ids), images of any size fitted to the input."""
+def folder_classes(root: Path) -> list[str]:
+    """The class subfolders of one split, sorted (their order is the class ids)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise DatasetError(f"image folder {root} has no class subfolders")
+    return classes
+
+
+def load_image_folder(
+    root: Path, height: int, width: int, channels: int, classes: list[str] | None = None
+) -> ArrayDataset:
+    """One subfolder per class, images of any size fitted to the input.
+
+    Class ids are positions in ``classes`` (default: this folder's sorted subfolders). A test
+    split passes the training split's list, since numbering its own subfolders would give a
+    class another id whenever the test split lacks one.
+    """
+    root = Path(root)
+    present = folder_classes(root)
+    classes = present if classes is None else classes
+    unknown = [name for name in present if name not in classes]
+    if unknown:
+        raise DatasetError(f"image folder {root} has classes {unknown} that are not among the known classes {classes}")
     images, labels = [], []
-    for class_id, name in enumerate(classes):
+    for name in present:
+        class_id = classes.index(name)
         for f in sorted((root / name).iterdir()):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -189,11 +208,17 @@ DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")
 
 
 def load_dataset(
-    name: str, split: str, root: Path | None = None, input_size: tuple[int, int, int] = (3, 32, 32)
+    name: str,
+    split: str,
+    root: Path | None = None,
+    input_size: tuple[int, int, int] = (3, 32, 32),
+    classes: list[str] | None = None,
 ) -> ArrayDataset:
     """Load a named dataset; ``root`` overrides the default directory.
 
-    ``input_size`` (C, H, W) only matters for ``folder``, whose images are fitted to it.
+    ``input_size`` (C, H, W) and ``classes`` only matter for ``folder``: its images are fitted to
+    the input size, and its class ids are positions in ``classes`` (default: the ``train``
+    split's subfolders), so that every split, and the model, agree on them.
     """
     if name == "fashion-mnist":
         return load_idx_dataset(Path(root or FASHION_MNIST_DIR), split, FASHION_MNIST_LABELS)
@@ -207,5 +232,5 @@ def load_dataset(
         if root is None:
             raise ValueError("--data-dir is required for an image folder dataset")
         c, h, w = input_size
-        return load_image_folder(Path(root) / split, h, w, c)
+        return load_image_folder(Path(root) / split, h, w, c, classes or folder_classes(Path(root) / "train"))
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 from pathlib import Path
 
@@ -379,8 +380,32 @@ def test_image_folder_grayscale_and_test_split(tmp_path: Path) -> None:
     assert gray.images.shape == (6, 12, 10, 1)
     assert gray.images[0, 6, 0, 0] == 76  # red -> luma 0.299 * 255
     test = load_dataset("folder", "test", tmp_path, (3, 8, 8))
-    assert test.classes == ["alpha"] and test.images.shape == (1, 8, 8, 3)
+    assert test.classes == ["alpha", "gray16", "jpeg", "palette"] and test.images.shape == (1, 8, 8, 3)
     assert test.images[0, 4, 4].tolist() == [10, 20, 30]
+
+
+def test_image_folder_test_split_numbers_classes_as_the_train_split(tmp_path: Path) -> None:
+    """test/ lacks "dog": its "fox" must still be class 2, the id training gave it, not 1 ("dog")."""
+    for split, names in (("train", ["cat", "dog", "fox"]), ("test", ["cat", "fox"])):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("L", (4, 4)).save(tmp_path / split / name / "x.png")
+    test = load_dataset("folder", "test", tmp_path, (1, 4, 4))
+    assert test.classes == ["cat", "dog", "fox"]
+    assert test.labels.tolist() == [0, 2]
+    # A caller that knows the class list (evaluate: the model's labels) needs no train split.
+    named = load_dataset("folder", "test", tmp_path, (1, 4, 4), classes=["fox", "cat", "bird"])
+    assert named.classes == ["fox", "cat", "bird"] and named.labels.tolist() == [1, 0]
+
+    (tmp_path / "test" / "wolf").mkdir()
+    with pytest.raises(DatasetError, match=r"has classes \['wolf'\] that are not among the known classes") as info:
+        load_dataset("folder", "test", tmp_path, (1, 4, 4))
+    assert str(tmp_path / "test") in str(info.value)
+    (tmp_path / "test" / "wolf").rmdir()
+    shutil.rmtree(tmp_path / "train")
+    with pytest.raises(DatasetError, match="image folder not found") as info:
+        load_dataset("folder", "test", tmp_path, (1, 4, 4))
+    assert str(tmp_path / "train") in str(info.value)
 
 
 def test_image_folder_errors_name_the_path(tmp_path: Path) -> None:
