@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from igcv2.artifact import ArtifactError, load_artifact
+from igcv2.artifact import ArtifactConfig, ArtifactError, load_artifact
 from igcv2.data import DATASETS, ArrayDataset, DatasetError, load_dataset
 from igcv2.networks import Normalized
 
@@ -35,6 +35,15 @@ def top1(model: nn.Module, data: ArrayDataset, device: str = "cpu") -> float:
     return float((predictions == data.labels).mean())
 
 
+def check_matches(data: ArrayDataset, config: ArtifactConfig) -> None:
+    """Refuse a data set the model was not made for: its labels would be read as other classes."""
+    if len(data.classes) != len(config.labels):
+        raise DatasetError(f"the data set has {len(data.classes)} classes, the model {len(config.labels)} labels")
+    for i, (ours, theirs) in enumerate(zip(data.classes, config.labels, strict=True)):
+        if ours != theirs:
+            raise DatasetError(f"class {i} is {ours!r} in the data set but {theirs!r} in the model's labels")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m igcv2.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("artifact", type=Path, help="version folder, e.g. model_store/igcv2-fashion/1")
@@ -48,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         artifact = load_artifact(args.artifact)
         spec = artifact.config.input
-        data = load_dataset(args.dataset, args.split, args.data_dir, spec.shape())
+        data = load_dataset(args.dataset, args.split, args.data_dir, spec.shape(), artifact.config.labels)
+        check_matches(data, artifact.config)
     except (ArtifactError, DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from igcv2.artifact import WEIGHTS_FILE, load_artifact, save_artifact
 from igcv2.data import FASHION_MNIST_LABELS, load_dataset
@@ -19,6 +20,7 @@ from igcv2.networks import Normalized, build
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
+FASHION_INPUT = {"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]}
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -57,7 +59,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
         name="igcv2-fashion",
         architecture={"builder": "igcv2_fashion", "kwargs": {}},
         labels=FASHION_MNIST_LABELS,
-        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]},
+        input_spec=FASHION_INPUT,
         untrained=True,
     )
 
@@ -118,3 +120,35 @@ def test_broken_artifact_and_missing_data_fail_cleanly(
     empty.mkdir()
     assert main([str(artifact), "--data-dir", str(empty)]) == 2
     assert "error: IDX file not found" in capsys.readouterr().err
+
+
+def test_data_set_with_other_classes_is_refused(
+    artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Same images, other class names: a top-1 would compare predictions with the wrong classes."""
+    renamed = save_artifact(
+        load_artifact(artifact).model, tmp_path / "m", name="m", architecture={"builder": "igcv2_fashion"},
+        labels=[f"c{i}" for i in range(10)], input_spec=FASHION_INPUT, untrained=True,
+    )  # fmt: skip
+    assert main([str(renamed), "--limit", "10"]) == 2
+    assert "error: class 0 is 'T-shirt/top' in the data set but 'c0' in the model's labels" in capsys.readouterr().err
+
+
+def test_image_folder_is_numbered_by_the_model_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A test folder lacking a class needs no train split: its classes take the ids of the model's labels."""
+    torch.manual_seed(0)
+    labels = ["cat", "dog", "fox"]
+    model = save_artifact(
+        build("igcv2_fashion", num_classes=3), tmp_path / "m", name="m",
+        architecture={"builder": "igcv2_fashion", "kwargs": {"num_classes": 3}},
+        labels=labels, input_spec=FASHION_INPUT, untrained=True,
+    )  # fmt: skip
+    for name in ("cat", "fox"):
+        (tmp_path / "data" / "test" / name).mkdir(parents=True)
+        Image.new("L", (28, 28), 200).save(tmp_path / "data" / "test" / name / "x.png")
+    folder = ["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--json"]
+    assert main([str(model), *folder]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 2
+    (tmp_path / "data" / "test" / "wolf").mkdir()
+    assert main([str(model), *folder]) == 2
+    assert "has classes ['wolf'] that are not among the known classes ['cat', 'dog', 'fox']" in capsys.readouterr().err
