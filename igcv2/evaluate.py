@@ -36,7 +36,14 @@ def top1(model: nn.Module, data: ArrayDataset, device: str = "cpu") -> float:
 
 
 def check_matches(data: ArrayDataset, config: ArtifactConfig) -> None:
-    """Refuse a data set the model was not made for: its labels would be read as other classes."""
+    """Refuse a data set the model was not made for: its images would be misread (the network may
+    even run on another size and give a meaningless top-1), its labels read as other classes."""
+    _, height, width, channels = data.images.shape
+    if (channels, height, width) != config.input.shape():
+        raise DatasetError(
+            f"the data set's images are {channels}x{height}x{width} (CxHxW), "
+            f"the model takes {'x'.join(map(str, config.input.shape()))}"
+        )
     if len(data.classes) != len(config.labels):
         raise DatasetError(f"the data set has {len(data.classes)} classes, the model {len(config.labels)} labels")
     for i, (ours, theirs) in enumerate(zip(data.classes, config.labels, strict=True)):

@@ -152,3 +152,16 @@ def test_image_folder_is_numbered_by_the_model_labels(tmp_path: Path, capsys: py
     (tmp_path / "data" / "test" / "wolf").mkdir()
     assert main([str(model), *folder]) == 2
     assert "has classes ['wolf'] that are not among the known classes ['cat', 'dog', 'fox']" in capsys.readouterr().err
+
+
+def test_data_set_with_another_image_shape_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 3x32x32 network runs on 1x28x28 images too (global pooling): the top-1 would be noise."""
+    cifar = save_artifact(
+        build("igcv2_cifar", width=8), tmp_path / "m", name="m",
+        architecture={"builder": "igcv2_cifar", "kwargs": {"width": 8}}, labels=FASHION_MNIST_LABELS,
+        input_spec={"height": 32, "width": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}, untrained=True,
+    )  # fmt: skip
+    assert main([str(cifar), "--limit", "10"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "error: the data set's images are 1x28x28 (CxHxW), the model takes 3x32x32" in captured.err
