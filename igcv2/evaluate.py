@@ -19,6 +19,14 @@ from igcv2.data import DATASETS, ArrayDataset, DatasetError, load_dataset
 from igcv2.networks import Normalized
 
 
+def non_negative(text: str) -> int:
+    """An argparse type for counts: a negative --limit would slice from the end (-9990 of 10000 is 10)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 500, device: str = "cpu") -> torch.Tensor:
     """Logits of a :class:`Normalized` model for uint8 NHWC ``images``, in float32 on the CPU."""
@@ -57,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist")
     parser.add_argument("--data-dir", type=Path, default=None, help="overrides the dataset's default directory")
     parser.add_argument("--split", choices=("train", "test"), default="test")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    parser.add_argument("--limit", type=non_negative, default=None, help="evaluate only the first N examples (0: all)")
     parser.add_argument("--json", action="store_true", help='print {"top1": ..., "n": ...}')
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))

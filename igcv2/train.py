@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from igcv2.artifact import load_artifact, save_artifact
 from igcv2.data import DATASETS, ArrayDataset, load_dataset
-from igcv2.evaluate import top1
+from igcv2.evaluate import non_negative, top1
 from igcv2.networks import BUILDERS, Normalized, build
 
 # Augmentation per dataset: (padding for random-shift crops, horizontal flips).
@@ -92,8 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="train on the first N examples only (smoke runs)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test examples only")
+    p.add_argument("--limit", type=non_negative, default=None, help="train on the first N examples only (smoke runs)")
+    p.add_argument("--eval-limit", type=non_negative, default=None, help="evaluate on the first N test examples only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:n]")
     p.add_argument("--channels-last", action="store_true",

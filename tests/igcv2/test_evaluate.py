@@ -15,7 +15,7 @@ from PIL import Image
 
 from igcv2.artifact import WEIGHTS_FILE, load_artifact, save_artifact
 from igcv2.data import FASHION_MNIST_LABELS, load_dataset
-from igcv2.evaluate import main, top1
+from igcv2.evaluate import main, non_negative, top1
 from igcv2.networks import Normalized, build
 
 torch.set_num_threads(1)
@@ -165,3 +165,13 @@ def test_data_set_with_another_image_shape_is_refused(tmp_path: Path, capsys: py
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "error: the data set's images are 1x28x28 (CxHxW), the model takes 3x32x32" in captured.err
+
+
+@pytest.mark.parametrize("limit", ["-9990", "-1"])
+def test_negative_limit_is_refused(artifact: Path, limit: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A negative limit used to slice from the end: -9990 evaluated the first 10 images."""
+    with pytest.raises(SystemExit) as info:
+        main([str(artifact), "--limit", limit])
+    assert info.value.code == 2
+    assert f"--limit: must be 0 or more, got {limit}" in capsys.readouterr().err
+    assert non_negative("0") == 0  # 0 still means all

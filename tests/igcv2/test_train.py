@@ -15,7 +15,7 @@ from igcv2.artifact import load_artifact
 from igcv2.data import FASHION_MNIST_LABELS, load_dataset
 from igcv2.evaluate import top1
 from igcv2.networks import Normalized
-from igcv2.train import CHECKPOINT, main, one_cycle
+from igcv2.train import CHECKPOINT, main, one_cycle, parse_args
 
 torch.set_num_threads(1)
 
@@ -121,6 +121,15 @@ def test_interrupted_run_resumes_from_its_checkpoint(
     resumed, straight = load_artifact(out / "1").model, load_artifact(tmp_path / "ref" / "1").model
     for (name, a), (_, b) in zip(resumed.state_dict().items(), straight.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("option", ["--limit", "--eval-limit"])
+def test_negative_limits_are_refused(tmp_path: Path, option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--out", str(tmp_path), option, "-5"])
+    assert info.value.code == 2
+    assert f"{option}: must be 0 or more, got -5" in capsys.readouterr().err
+    assert getattr(parse_args(["--out", str(tmp_path), option, "0"]), option[2:].replace("-", "_")) == 0
 
 
 def test_one_cycle_schedule_warms_up_then_decays() -> None:
