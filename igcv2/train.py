@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from igcv2.artifact import load_artifact, save_artifact
+from igcv2.artifact import ArtifactError, InputSpec, check_fits, load_artifact, save_artifact
 from igcv2.data import DATASETS, ArrayDataset, load_dataset
 from igcv2.evaluate import non_negative, top1
 from igcv2.networks import BUILDERS, Normalized, build
@@ -131,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         builder = args.builder or DEFAULT_BUILDER[args.dataset]
         kwargs = {"num_classes": len(train.classes), "in_channels": c, **args.builder_kwargs}
         network = build(builder, **kwargs)
+    try:
+        spec = InputSpec(height=h, width=w, channels=c, mean=mean, std=std)
+        check_fits(network, train.classes, spec)  # before training, not when saving its result
+    except (ArtifactError, ValueError) as exc:  # e.g. --init-from a 10-class model on a 3-class folder
+        print(f"error: the network does not fit the data set: {exc}", file=sys.stderr)
+        return 2
     model = Normalized(network, mean, std).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         name=args.name or args.out.name,
         architecture={"builder": builder, "kwargs": kwargs},
         labels=train.classes,
-        input_spec={"height": h, "width": w, "channels": c, "mean": mean, "std": std},
+        input_spec=spec.model_dump(),
         metrics={"dataset": args.dataset, "split": "test", "top1": final_top1, "n": len(test)},
         training={
             "command": command, "epochs": args.epochs, "batch_size": args.batch_size,

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import igcv2.train as train_module
-from igcv2.artifact import load_artifact
+from igcv2.artifact import load_artifact, save_artifact
 from igcv2.data import FASHION_MNIST_LABELS, load_dataset
 from igcv2.evaluate import top1
-from igcv2.networks import Normalized
+from igcv2.networks import Normalized, build
 from igcv2.train import CHECKPOINT, main, one_cycle, parse_args
 
 torch.set_num_threads(1)
@@ -156,3 +157,28 @@ def test_fine_tune_starts_from_an_artifact_and_records_its_recipe(tmp_path: Path
     tuned = load_artifact(out / "2").model.state_dict()
     moved = [k for k, v in base.model.state_dict().items() if v.is_floating_point() and not torch.equal(v, tuned[k])]
     assert moved, "fine-tuning did not change any weight"
+
+
+def test_fine_tune_on_a_data_set_the_base_does_not_fit_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 10-class base on a 3-class folder: refused up front, not after training, and nothing is written."""
+    base = save_artifact(
+        build("igcv2_fashion"), tmp_path / "base", name="base", architecture={"builder": "igcv2_fashion"},
+        labels=FASHION_MNIST_LABELS, untrained=True,
+        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]},
+    )  # fmt: skip
+    for split in ("train", "test"):
+        for name in ("cat", "dog", "fox"):
+            (tmp_path / "data" / split / name).mkdir(parents=True)
+            Image.new("L", (28, 28)).save(tmp_path / "data" / split / name / "x.png")
+    out = tmp_path / "tuned"
+    argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--input-size", "1", "28", "28",
+            "--init-from", str(base), "--epochs", "1", "--threads", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "error: the network does not fit the data set: network gives (10,) outputs per image for 3 labels" in (
+        captured.err
+    )
+    assert "epoch 1" not in captured.out
+    assert not out.exists()
