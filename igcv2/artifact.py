@@ -27,7 +27,7 @@ from igcv2.networks import build
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch only: $ also matches before a final \n
 VERSION_TEXT = re.compile(r"[1-9][0-9]{0,17}")  # a version as clients write it: ASCII digits int() takes, no 0
 
 
@@ -87,7 +87,7 @@ class ArtifactConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not MODEL_NAME.match(v):
+        if not MODEL_NAME.fullmatch(v):
             raise ValueError(f"model name {v!r} must match {MODEL_NAME.pattern}")
         return v
 

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     def _check_models(cls, value: list[str]) -> list[str]:
         for entry in value:
             name, _, version = entry.partition(":")
-            if not MODEL_NAME.match(name) or (version and not (version.isdigit() and int(version) > 0)):
+            if not MODEL_NAME.fullmatch(name) or (version and not (version.isdigit() and int(version) > 0)):
                 raise ValueError(f"{entry!r} is not 'name' or 'name:version' (a model name, a positive integer)")
         return value
 

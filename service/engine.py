@@ -156,7 +156,8 @@ class Engine:
         entries = {(m.name, m.version): {"name": m.name, "version": str(m.version), "state": states[m.state],
                                          "reason": m.reason or ""} for m in self.registry.all()}
         store = self.registry.store
-        names = [p.name for p in store.iterdir() if p.is_dir() and MODEL_NAME.match(p.name)] if store.is_dir() else []
+        folders = store.iterdir() if store.is_dir() else ()
+        names = [p.name for p in folders if p.is_dir() and MODEL_NAME.fullmatch(p.name)]
         for name in names:
             for version in versions(store / name):
                 entries.setdefault((name, version), {"name": name, "version": str(version), "state": "UNAVAILABLE",

@@ -115,7 +115,7 @@ def settle_heap() -> None:
 
 def validate_name(name: str) -> str:
     """Model names index the file system: refuse anything that is not a plain name (no ../)."""
-    if not MODEL_NAME.match(name):
+    if not MODEL_NAME.fullmatch(name):
         raise NotFound(f"unknown model {name!r}")
     return name
 
@@ -142,7 +142,7 @@ class ModelRegistry:
             wanted = [(p.name, None) for p in sorted(self.store.iterdir()) if p.is_dir() and not p.name.startswith(".")]
         out: dict[tuple[str, int], None] = {}
         for name, version in wanted:
-            if not MODEL_NAME.match(name):
+            if not MODEL_NAME.fullmatch(name):
                 log.warning("skipping %s: not a valid model name", self.store / name)
                 continue
             available = versions(self.store / name)

@@ -302,7 +302,7 @@ def test_truncated_safetensors_with_matching_checksum(artifact_dir: Path) -> Non
         load_artifact(artifact_dir)
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "x" * 65, "spaces here"])
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "x" * 65, "spaces here", "igcv2-fashion\n"])
 def test_model_name_validation(tmp_path: Path, name: str) -> None:
     config = json.loads((save(tmp_path / "ok") / CONFIG_FILE).read_text())
     with pytest.raises(ValueError, match="model name"):

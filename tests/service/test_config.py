@@ -129,6 +129,8 @@ def test_wanted_models(monkeypatch: pytest.MonkeyPatch, value: str, expected: li
 
 def test_models_as_a_list() -> None:
     assert settings(models=["a", "b:3"]).wanted_models() == [("a", None), ("b", 3)]
+    with pytest.raises(ValidationError, match="models"):
+        settings(models=["a\n"])  # a list is not stripped, and "$" would match before the newline
 
 
 @pytest.mark.parametrize("value", ["a:x", "a:0", "a:-1", "a:1.5", "../x", "a/b:1", ":3"])

@@ -113,3 +113,9 @@ def test_header_errors_come_before_any_decoding(engine: Engine) -> None:
 
     asyncio.run(scenario())
     assert decoded_count() == before
+
+
+def test_repository_index_skips_folders_that_are_not_model_names(engine: Engine) -> None:
+    for name in ("m", "m\n", ".hidden"):
+        (engine.registry.store / name / "1").mkdir(parents=True)
+    assert [e["name"] for e in engine.repository_index()] == ["m"]

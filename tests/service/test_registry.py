@@ -449,7 +449,7 @@ def test_parse_version_refuses(value: str) -> None:
     assert getattr(info.value, "status_code", None) == 422
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "a" * 65, "x y"])
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "a" * 65, "x y", "igcv2-fashion\n"])
 def test_validate_name_refuses_paths(name: str) -> None:
     with pytest.raises(NotFound):
         validate_name(name)
