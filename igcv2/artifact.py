@@ -19,7 +19,8 @@ from typing import Annotated, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_weights
+from safetensors.torch import save_file
 from torch import nn
 
 from igcv2.complexity import count_macs, count_params
@@ -154,7 +155,11 @@ def load_artifact(path: Path) -> Artifact:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"missing {weights}")
-    actual = sha256_file(weights)
+    try:
+        data = weights.read_bytes()  # hashed and parsed from these bytes: a file swapped in between is never loaded
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {weights}: {exc}") from exc
+    actual = hashlib.sha256(data).hexdigest()
     if actual != config.weights_sha256:
         raise ArtifactError(f"checksum mismatch for {weights}: config says {config.weights_sha256}, file is {actual}")
     try:
@@ -162,8 +167,8 @@ def load_artifact(path: Path) -> Artifact:
     except Exception as exc:  # kwargs reach arbitrary constructors: e.g. num_classes=-1 is a RuntimeError
         raise ArtifactError(f"{path / CONFIG_FILE}: cannot build architecture: {exc}") from exc
     try:
-        state = load_file(weights)
-    except (SafetensorError, OSError) as exc:
+        state = load_weights(data)
+    except SafetensorError as exc:
         raise ArtifactError(f"{weights} is not a readable safetensors file: {exc}") from exc
     try:
         model.load_state_dict(state, strict=True)

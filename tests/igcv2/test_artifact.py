@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import igcv2.artifact as artifact_module
 from igcv2.artifact import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -162,6 +165,41 @@ def test_checksum_mismatch(artifact_dir: Path) -> None:
     message = str(info.value)
     assert str(weights) in message
     assert expected in message and sha256_file(weights) in message
+
+
+def test_weights_swapped_after_the_checksum_are_not_loaded(
+    artifact_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is replaced right after its digest is taken: what loads must be what was hashed."""
+    weights = artifact_dir / WEIGHTS_FILE
+    other = save(tmp_path / "other", trained_looking_model(seed=1)) / WEIGHTS_FILE
+    real_sha256 = hashlib.sha256
+
+    class SwapAfterDigest:
+        def __init__(self, *data: bytes) -> None:
+            self.digest = real_sha256(*data)
+
+        def update(self, data: bytes) -> None:
+            self.digest.update(data)
+
+        def hexdigest(self) -> str:
+            weights.write_bytes(other.read_bytes())
+            return self.digest.hexdigest()
+
+    monkeypatch.setattr(artifact_module, "hashlib", SimpleNamespace(sha256=SwapAfterDigest))
+    loaded = load_artifact(artifact_dir).model.state_dict()
+    assert weights.read_bytes() == other.read_bytes(), "the swap happened"
+    for name, tensor in trained_looking_model().state_dict().items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_unreadable_weights(artifact_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ArtifactError, match=f"^cannot read {re.escape(str(artifact_dir / WEIGHTS_FILE))}: "):
+        load_artifact(artifact_dir)
 
 
 def test_invalid_json(artifact_dir: Path) -> None:
