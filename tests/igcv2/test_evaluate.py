@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from PIL import Image
 
 from igcv2.artifact import WEIGHTS_FILE, load_artifact, save_artifact
 from igcv2.data import FASHION_MNIST_LABELS, load_dataset
-from igcv2.evaluate import main, non_negative, top1
+from igcv2.evaluate import main, non_negative, predict_logits, top1
 from igcv2.networks import Normalized, build
 
 torch.set_num_threads(1)
@@ -175,3 +176,20 @@ def test_negative_limit_is_refused(artifact: Path, limit: str, capsys: pytest.Ca
     assert info.value.code == 2
     assert f"--limit: must be 0 or more, got {limit}" in capsys.readouterr().err
     assert non_negative("0") == 0  # 0 still means all
+
+
+def test_predict_logits_uses_running_statistics_even_for_a_model_in_train_mode() -> None:
+    """Batch statistics would make an image's logits depend on the rest of its batch."""
+    torch.manual_seed(0)
+    net = build("igcv2_fashion")
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    model = Normalized(net, [0.286], [0.353])
+    images = load_dataset("fashion-mnist", "test").subset(8).images
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        expected = torch.cat([reference(torch.from_numpy(images[i : i + 1])) for i in range(len(images))])
+    logits = predict_logits(model.train(), images, batch_size=4)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
