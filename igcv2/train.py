@@ -156,10 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_path = args.out / CHECKPOINT
     start_epoch, elapsed_before = 0, 0.0
     history: list[dict[str, Any]] = []
+    # Everything that shapes the weights: a checkpoint of another recipe must not be continued.
+    recipe = {"dataset": args.dataset, "train_examples": len(train), "init_from": str(args.init_from or ""),
+              "builder": builder, "kwargs": kwargs, "epochs": args.epochs, "batch_size": args.batch_size,
+              "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
+              "label_smoothing": args.label_smoothing, "seed": args.seed}  # fmt: skip
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state["builder"] != builder or state["epochs"] != args.epochs:
-            print(f"error: {checkpoint_path} belongs to a different run; delete it to start over", file=sys.stderr)
+        differing = [f"{k} {state.get(k)!r} (now {v!r})" for k, v in recipe.items() if state.get(k) != v]
+        if differing:
+            print(f"error: {checkpoint_path} belongs to a different run: {', '.join(differing)}; "
+                  "delete it to start over", file=sys.stderr)
             return 2
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -206,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                         "test_top1": test_top1})
         print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}, "
               f"test top-1 {test_top1:.4f}, {elapsed / 60:.1f} min", flush=True)
-        state = {"builder": builder, "epochs": args.epochs, "epoch": epoch + 1, "elapsed": elapsed,
-                 "model": network.state_dict(), "optimizer": optimizer.state_dict(), "history": history}
+        state = {**recipe, "epoch": epoch + 1, "elapsed": elapsed, "model": network.state_dict(),
+                 "optimizer": optimizer.state_dict(), "history": history}
         torch.save(state, checkpoint_path.with_suffix(".tmp"))
         os.replace(checkpoint_path.with_suffix(".tmp"), checkpoint_path)
 

@@ -103,9 +103,20 @@ def test_interrupted_run_resumes_from_its_checkpoint(
     assert state["epoch"] == 1 and state["epochs"] == 2 and state["builder"] == "igcv2_cifar"
     capsys.readouterr()
 
-    # A run with other settings refuses the checkpoint instead of mixing two runs.
-    assert main(args(out, *TINY, limit=128, epochs=3)) == 2
-    assert "belongs to a different run" in capsys.readouterr().err
+    # A run with another recipe refuses the checkpoint instead of mixing two runs, and names what differs.
+    for extra, limit, epochs, differs in [
+        (TINY, 128, 3, "epochs 2 (now 3)"),
+        (TINY, 64, 2, "train_examples 128 (now 64)"),
+        ([*TINY, "--lr", "0.1"], 128, 2, "lr 0.2 (now 0.1)"),
+        ([*TINY, "--batch-size", "64"], 128, 2, "batch_size 128 (now 64)"),
+        ([*TINY, "--label-smoothing", "0"], 128, 2, "label_smoothing 0.1 (now 0.0)"),
+        ([*TINY, "--seed", "1"], 128, 2, "seed 0 (now 1)"),
+        ([*TINY[:-1], '{"width": 16}'], 128, 2, "kwargs {'num_classes': 10, 'in_channels': 1, 'width': 8} (now"),
+    ]:
+        assert main(args(out, *extra, limit=limit, epochs=epochs)) == 2, differs
+        err = capsys.readouterr().err
+        assert f"error: {checkpoint} belongs to a different run: {differs}" in err
+        assert "Traceback" not in err
     assert checkpoint.is_file()
 
     assert main(args(out, *TINY, limit=128, epochs=2)) == 0
