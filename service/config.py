@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from igcv2.artifact import MODEL_NAME
+from igcv2.artifact import MODEL_NAME, VERSION_TEXT
 
 ENV_PREFIX = "IGCV2_"
 MAX_REQUEST_TIMEOUT_S = 3600  # the longest deadline a request may ask for (X-Request-Timeout, OIP timeout)
@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     def _check_models(cls, value: list[str]) -> list[str]:
         for entry in value:
             name, _, version = entry.partition(":")
-            if not MODEL_NAME.fullmatch(name) or (version and not (version.isdigit() and int(version) > 0)):
+            if not MODEL_NAME.fullmatch(name) or (version and not VERSION_TEXT.fullmatch(version)):
                 raise ValueError(f"{entry!r} is not 'name' or 'name:version' (a model name, a positive integer)")
         return value
 

@@ -133,7 +133,8 @@ def test_models_as_a_list() -> None:
         settings(models=["a\n"])  # a list is not stripped, and "$" would match before the newline
 
 
-@pytest.mark.parametrize("value", ["a:x", "a:0", "a:-1", "a:1.5", "../x", "a/b:1", ":3"])
+@pytest.mark.parametrize("value", ["a:x", "a:0", "a:-1", "a:1.5", "../x", "a/b:1", ":3",
+                                   "a:\u0663", "a:01", "a:" + "9" * 30])  # an Arabic-Indic 3, a leading 0, 30 digits
 def test_invalid_models_are_rejected(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("IGCV2_MODELS", value)
     with pytest.raises(ValidationError, match="models"):
