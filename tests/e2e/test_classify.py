@@ -151,7 +151,7 @@ ERROR_CASES = {
     "too many images": ({"files": multipart(fashion_pngs(13))}, {}, 413),
     "too many pixels": ({"files": multipart([big_png(1100)])}, {}, 413),
     "body over limit": ({"content": b"\0" * 2_100_000, "headers": {"content-type": "image/png"}}, {}, 413),
-    "queue full": ({"files": multipart(fashion_pngs(11))}, {}, 503),
+    "more images than the queue holds": ({"files": multipart(fashion_pngs(11))}, {}, 413),  # no retry would help
 }
 
 
