@@ -248,8 +248,10 @@ class DynamicBatcher:
                 outputs = instance.run([item.image for item in batch])
             except Exception as exc:
                 log.exception("inference failed for a batch of %d on %s", len(batch), self._labels)
+                self._computed(batch)
                 self._post(self._answer, batch, exc)
                 continue
+            self._computed(batch)
             elapsed = time.perf_counter() - started
             self._inference_duration.observe(elapsed)
             self._batch_size.observe(len(batch))
@@ -304,6 +306,11 @@ class DynamicBatcher:
             self._post(self._expire, expired)
         return batch
 
+    def _computed(self, batch: list[_Item]) -> None:
+        """The batch left the model: its answer is on its way to the loop (not close()'s to give)."""
+        with self._changed:
+            self._in_flight.pop(id(batch), None)
+
     def _wait(self, depth: int, timeout: float | None = None) -> bool:
         """Wait, holding ``_changed``, until the queue holds ``depth`` images or close(); False on
         timeout. Arrivals that leave the queue short of every waiter's depth wake no thread."""
@@ -324,8 +331,6 @@ class DynamicBatcher:
     # ----- on the event loop -----
 
     def _answer(self, batch: list[_Item], outputs: np.ndarray | Exception, elapsed: float = 0.0) -> None:
-        with self._changed:
-            self._in_flight.pop(id(batch), None)
         if isinstance(outputs, Exception):
             for item in batch:
                 if not item.future.done():
@@ -344,22 +349,26 @@ class DynamicBatcher:
 
     async def close(self, timeout: float) -> bool:
         """Stop taking requests, finish what is queued (up to ``timeout``), stop draining. False when
-        an instance was still computing at the timeout (its images are answered 503 all the same)."""
+        a batch was still computing at the timeout (its images are answered 503 all the same)."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-        stuck: set[Any] = set()
         if self._drains:
-            _, stuck = await asyncio.wait([asyncio.wrap_future(f) for f in self._drains], timeout=timeout)
-            if stuck:
-                log.warning("%d instance(s) of %s still computing after %.1fs; answering 503",
-                            len(stuck), self._labels, timeout)
+            await asyncio.wait([asyncio.wrap_future(f) for f in self._drains], timeout=timeout)
         with self._changed:
-            unanswered = [*self._queue, *(item for batch in self._in_flight.values() for item in batch)]
+            computing = [item for batch in self._in_flight.values() for item in batch]
+            unanswered = [*self._queue, *computing]
             self._queue.clear()
-            self._in_flight.clear()
             self._depth.set(0)
+        if computing:
+            log.warning("%d image(s) of %s still computing after %.1fs; answering 503",
+                        len(computing), self._labels, timeout)
         for item in unanswered:
             if not item.future.done():
                 item.future.set_exception(Unavailable("shut down before this image was computed", 1))
-        return not stuck
+        return not computing
+
+    def computing(self) -> bool:
+        """Whether a batch is inside the model now (after close(): a call that has not returned)."""
+        with self._changed:
+            return bool(self._in_flight)

@@ -113,6 +113,14 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def forget_series(served: ServedModel) -> None:
+    """Remove a version's gauges once nothing serves it: gone, not 0, since an unloaded version is not
+    one that is not ready (which alerts: IGCV2ModelNotReady)."""
+    for gauge in (metrics.MODEL_READY, metrics.QUEUE_DEPTH, metrics.QUEUE_CAPACITY):
+        with contextlib.suppress(KeyError):
+            gauge.remove(served.name, str(served.version))
+
+
 def validate_name(name: str) -> str:
     """Model names index the file system: refuse anything that is not a plain name (no ../)."""
     if not MODEL_NAME.fullmatch(name):
@@ -128,7 +136,7 @@ class ModelRegistry:
         self._models: dict[tuple[str, int], ServedModel] = {}
         self._configured: set[tuple[str, int]] = set()
         self._pending: set[tuple[str, int]] = set()  # loads through the control route, not yet registered
-        self._stuck: list[str] = []  # released versions whose inference threads never finished computing
+        self._released: list[ServedModel] = []  # released while a batch was still computing (see still_computing)
         self._lock = threading.Lock()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -169,20 +177,24 @@ class ModelRegistry:
             self._configured = set(targets)
             for name, version in targets:
                 self._models[(name, version)] = ServedModel(name, version, self.store / name / str(version))
-        for name, version in targets:
-            served = self._models[(name, version)]
-            if self._closed:
-                served.state, served.reason = State.FAILED, "the service shut down before it loaded"
-                continue
-            try:
-                self._load(served)
-            except Unavailable as exc:  # the service shut down while it warmed up: not a fault
-                served.state, served.reason = State.FAILED, exc.message
-                log.info("%s", exc.message)
-            except Exception as exc:  # a broken artifact must not take the service down
-                self._fail(served, exc)
-        settle_heap()
-        self.started = True
+        try:
+            for key in targets:
+                served = self._models.get(key)
+                if served is None:  # unloaded through the control route before its turn came
+                    continue
+                if self._closed:
+                    served.state, served.reason = State.FAILED, "the service shut down before it loaded"
+                    continue
+                try:
+                    self._load(served)
+                except Unavailable as exc:  # shut down or unloaded while it warmed up: not a fault
+                    served.state, served.reason = State.FAILED, exc.message
+                    log.info("%s", exc.message)
+                except Exception as exc:  # a broken artifact must not take the service down
+                    self._fail(served, exc)
+        finally:  # readiness waits for this flag: never leave it unset
+            settle_heap()
+            self.started = True
 
     def load(self, name: str, version: int | None = None) -> ServedModel:
         """Load (or reload) a version at run time; a failure leaves what is served untouched."""
@@ -218,13 +230,17 @@ class ModelRegistry:
         alive. ``register`` is for loads through the control route; a configured version is
         registered (LOADING) before it loads, and must still be the registered one."""
         started = time.perf_counter()
-        metrics.MODEL_READY.labels(**served.labels).set(0)
+        if not register:  # registered (LOADING): its ready series reads 0; a control-route load gets one once it serves
+            metrics.MODEL_READY.labels(**served.labels).set(0)
         artifact = load_artifact(served.path)
         config = artifact.config
         if config.name != served.name or config.version != served.version:
             raise ArtifactError(f"{served.path}: config.json says {config.name} v{config.version}")
         served.config = config
-        served.batching = self.settings.batching_for(config.serving)
+        try:
+            served.batching = self.settings.batching_for(config.serving)
+        except ValueError as exc:  # the artifact's fault: a 400 on the control route, the reason in /models
+            raise ArtifactError(f"{served.path}: {exc}") from None
         options = RuntimeOptions(
             device=self.device, precision=self.settings.precision, compile=self.settings.compile,
             compile_mode=self.settings.compile_mode, channels_last=self.settings.channels_last,
@@ -257,7 +273,9 @@ class ModelRegistry:
         if refused:
             for runner in runners:
                 runner.close()
-            raise Unavailable(f"{served.name} v{served.version}: the service shut down while it loaded", 1)
+            forget_series(served)  # the batcher made its queue series; nothing serves this version
+            why = "the service shut down" if self._closed else "it was unloaded"
+            raise Unavailable(f"{served.name} v{served.version}: {why} while it loaded", 1)
         metrics.MODEL_READY.labels(**served.labels).set(1)
         metrics.WARMUP_DURATION.labels(**served.labels).set(served.warmup_s)
         r = runners[0]
@@ -269,7 +287,8 @@ class ModelRegistry:
 
     def _fail(self, served: ServedModel, exc: Exception) -> None:
         served.state, served.reason = State.FAILED, str(exc)
-        metrics.MODEL_READY.labels(**served.labels).set(0)
+        if self._models.get((served.name, served.version)) is served:  # not if unloaded while it loaded
+            metrics.MODEL_READY.labels(**served.labels).set(0)
         log.error("%s v%s NOT loaded: %s", served.name, served.version, exc,
                   exc_info=not isinstance(exc, ArtifactError))
 
@@ -330,10 +349,11 @@ class ModelRegistry:
         return targets
 
     def still_computing(self) -> list[str]:
-        """Released versions (``name vN``) whose inference threads were still computing when their
-        time was up (a hung device call): nothing waits for them, the process exit included."""
+        """Released versions (``name vN``) whose model call, still running when their time was up,
+        has not returned yet (a hung device call): nothing waits for them, the process exit included."""
         with self._lock:
-            return list(self._stuck)
+            released = list(self._released)
+        return [f"{m.name} v{m.version}" for m in released if m.batcher is not None and m.batcher.computing()]
 
     async def release(self, served: ServedModel, timeout: float | None = None) -> None:
         """Stop serving a version: its queue gets ``timeout`` (default: the shutdown timeout) to finish.
@@ -343,16 +363,13 @@ class ModelRegistry:
             finished = await served.batcher.close(self.settings.shutdown_timeout_s if timeout is None else timeout)
         if not finished:
             with self._lock:
-                self._stuck.append(f"{served.name} v{served.version}")
+                self._released.append(served)
         for runner in served.runners:
             if finished:
                 await asyncio.to_thread(runner.close)
             else:
                 runner.close(wait=False)
-        for gauge in (metrics.MODEL_READY, metrics.QUEUE_DEPTH, metrics.QUEUE_CAPACITY):
-            # Gone, not 0: an unloaded version is not a version that is not ready (which alerts).
-            with contextlib.suppress(KeyError):
-                gauge.remove(served.name, str(served.version))
+        forget_series(served)
 
     async def close(self, timeout: float | None = None) -> None:
         """Graceful shutdown: every batcher finishes its queue (in ``timeout``), then inference threads

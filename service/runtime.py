@@ -156,7 +156,8 @@ class ModelRunner:
         started = time.perf_counter()
         if self.options.compile:
             try:
-                torch._dynamo.config.recompile_limit = max(8, 2 * len(self.buckets))
+                # Process-wide, and other runners warm up at the same time: raise it, never lower it.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.buckets))
                 torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error here, never a silent eager
                 self.forward = torch.compile(own_code(self.module), mode=self.options.mode, dynamic=False)
                 with torch._inductor.config.patch(**inductor_options(self.device)):

@@ -175,8 +175,9 @@ def bearer_matches(scope: Scope, key: bytes) -> bool:
 class BodyLimit:
     """413 before reading a body whose Content-Length is over the limit, and while streaming one
     that grows past it (chunked uploads), so an oversized body is never buffered whole; 408 when a
-    body stalls, no new byte for ``idle_timeout_s``, so a client trickling its body (slowloris on
-    the body, which uvicorn does not time out) holds neither its request nor its connection for long.
+    body stalls, no new byte for ``idle_timeout_s``, so a client that stops sending its body (which
+    uvicorn never times out) holds neither its request nor its connection for long. A pause, not a
+    total: one byte every ``idle_timeout_s`` still holds them (bound that in a proxy; README).
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float) -> None:

@@ -393,6 +393,25 @@ def test_admitted_requests_hold_their_room_until_queued() -> None:
     run(main)
 
 
+def test_close_reports_a_batch_still_computing_and_only_that() -> None:
+    """An idle batcher closed at once (a forced shutdown) is not stuck, though its threads have not
+    woken yet; one whose model call outlives the timeout is, until that call returns."""
+    async def main() -> None:
+        idle, _ = make(Model())
+        assert await idle.close(0) is True and not idle.computing()
+        model = Model(gate=threading.Event())
+        busy, _ = make(model)
+        request = asyncio.ensure_future(classify(busy, 1))
+        await until(model.started.is_set)
+        assert await busy.close(0.1) is False and busy.computing()
+        with pytest.raises(Unavailable, match="shut down before this image was computed"):
+            await request
+        model.gate.set()  # type: ignore[union-attr]
+        await until(lambda: not busy.computing())
+
+    run(main)
+
+
 # ----- deadlines -----
 
 def test_deadline_passing_in_the_queue_is_504_and_never_computed() -> None:

@@ -39,6 +39,7 @@ BROKEN = {
     "misfit": "does not fit architecture",
     "mismatch": "config.json says good v1",
     "badserving": "invalid serving section",
+    "typoserving": "'max_batch_sise' not allowed",
 }
 
 
@@ -97,6 +98,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(root / "good" / "1", root / "mismatch" / "1")  # says it is good v1
 
     save(root / "badserving", seed=9, serving={"max_queue_size": 0})  # not set by the operator here
+    save(root / "typoserving", seed=11, serving={"max_batch_sise": 4})
 
     (root / "noversions").mkdir()
     (root / ".hidden").mkdir()
@@ -333,6 +335,39 @@ def test_a_control_route_load_of_a_version_still_warming_up_is_refused(store: Pa
     asyncio.run(main())
 
 
+def test_unloading_configured_versions_while_they_load(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One unloaded while it compiles, one before its turn: the loader finishes the rest instead of
+    dying on a KeyError (readiness then waited forever), and neither comes back, nor its series."""
+    release = threading.Event()
+    read_artifact = registry_module.load_artifact
+
+    def held_at_v1(path: Path) -> Any:
+        if path.name == "1":
+            release.wait(30)
+        return read_artifact(path)
+
+    monkeypatch.setattr(registry_module, "load_artifact", held_at_v1)
+
+    async def main() -> None:
+        registry = ModelRegistry(settings_for(store, "good:1,good:2,corrupt"))
+        startup = asyncio.ensure_future(asyncio.to_thread(registry.load_configured, asyncio.get_running_loop()))
+        while "good v1" not in registry.loading():
+            await asyncio.sleep(0.01)
+        await registry.unload("good", 2)  # registered, its turn not come
+        await registry.unload("good", 1)  # loading now
+        release.set()
+        await startup
+        assert registry.started and [(m.name, m.version) for m in registry.all()] == [("corrupt", 1)]
+        assert not registry.is_ready()  # only the broken one is left of the configured set
+        for version in (1, 2):
+            assert ready_gauge("good", version) is None
+            assert REGISTRY.get_sample_value("igcv2_queue_capacity", {"model": "good", "version": str(version)}) is None
+        await registry.close()
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("infer-good")]
+
+    asyncio.run(main())
+
+
 def test_loading_a_broken_version_leaves_the_served_one_untouched(store: Path) -> None:
     images = fashion_test_images(2)[0]
 
@@ -342,7 +377,10 @@ def test_loading_a_broken_version_leaves_the_served_one_untouched(store: Path) -
             await asyncio.to_thread(registry.load, "good", 3)
         assert registry.resolve("good") is served and served.state is State.READY
         assert [(m.name, m.version) for m in registry.all()] == [("good", 2)]
-        assert ready_gauge("good", 2) == 1 and ready_gauge("good", 3) == 0
+        # No series for a version that never served: a 0 would fire IGCV2ModelNotReady while ready.
+        assert ready_gauge("good", 2) == 1 and ready_gauge("good", 3) is None
+        with pytest.raises(ArtifactError, match="'max_batch_sise' not allowed"):  # the 400, not a 500
+            await asyncio.to_thread(registry.load, "typoserving")
         assert registry.is_ready()
         assert (await served_logits(served, images)).shape == (2, 10)
         for name, version in [("good", 9), ("nope", None), ("../good", None)]:
@@ -428,6 +466,9 @@ def test_a_hung_compute_holds_up_neither_unload_nor_shutdown(store: Path) -> Non
         assert (await served_logits(registry.resolve("good"), images)).shape == (1, 10)
         await asyncio.wait_for(registry.close(), 10)
         assert registry.still_computing() == ["good v2"]
+        release.set()  # the call returns at last: nothing is left computing, a later exit need not abandon it
+        while registry.still_computing():
+            await asyncio.sleep(0.01)
 
     try:
         asyncio.run(main())
