@@ -123,6 +123,8 @@ def check_fits(model: nn.Module, labels: list[str], spec: InputSpec) -> None:
         raise ArtifactError(f"network does not take the input {'x'.join(map(str, spec.shape()))}: {exc}") from exc
     finally:
         model.train(training)
+    if not isinstance(out, torch.Tensor):
+        raise ArtifactError(f"network gives a {type(out).__name__}, not a tensor of logits")
     if tuple(out.shape) != (1, len(labels)):
         raise ArtifactError(f"network gives {tuple(out.shape)[1:]} outputs per image for {len(labels)} labels")
 

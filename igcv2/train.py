@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     start_epoch, elapsed_before = 0, 0.0
     history: list[dict[str, Any]] = []
     # Everything that shapes the weights: a checkpoint of another recipe must not be continued.
-    recipe = {"dataset": args.dataset, "train_examples": len(train), "init_from": str(args.init_from or ""),
+    recipe = {"dataset": args.dataset, "data_dir": str(args.data_dir or ""), "classes": train.classes,
+              "input": [c, h, w], "train_examples": len(train), "init_from": str(args.init_from or ""),
               "builder": builder, "kwargs": kwargs, "epochs": args.epochs, "batch_size": args.batch_size,
               "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
               "label_smoothing": args.label_smoothing, "seed": args.seed}  # fmt: skip

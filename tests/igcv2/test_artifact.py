@@ -291,6 +291,16 @@ def test_save_refuses_a_config_that_does_not_fit(tmp_path: Path, overrides: dict
     assert model.training, "the check leaves the model's mode alone"
 
 
+def test_a_network_that_gives_no_tensor_does_not_fit() -> None:
+    class Pair(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x.flatten(1)[:, :10], x
+
+    spec = artifact_module.InputSpec.model_validate(FASHION_INPUT)
+    with pytest.raises(ArtifactError, match="network gives a tuple, not a tensor of logits"):
+        artifact_module.check_fits(Pair(), FASHION_MNIST_LABELS, spec)
+
+
 def test_weights_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
     """Weights of one network with the config of another; the checksum is right, so only the fit fails."""
     fashion = save(tmp_path / "a")

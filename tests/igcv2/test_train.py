@@ -13,7 +13,7 @@ from PIL import Image
 
 import igcv2.train as train_module
 from igcv2.artifact import load_artifact, save_artifact
-from igcv2.data import FASHION_MNIST_LABELS, load_dataset
+from igcv2.data import FASHION_MNIST_DIR, FASHION_MNIST_LABELS, load_dataset
 from igcv2.evaluate import top1
 from igcv2.networks import Normalized, build
 from igcv2.train import CHECKPOINT, channel_stats, main, one_cycle, parse_args
@@ -111,6 +111,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(
         ([*TINY, "--batch-size", "64"], 128, 2, "batch_size 128 (now 64)"),
         ([*TINY, "--label-smoothing", "0"], 128, 2, "label_smoothing 0.1 (now 0.0)"),
         ([*TINY, "--seed", "1"], 128, 2, "seed 0 (now 1)"),
+        ([*TINY, "--data-dir", str(FASHION_MNIST_DIR)], 128, 2, f"data_dir '' (now '{FASHION_MNIST_DIR}')"),
         ([*TINY[:-1], '{"width": 16}'], 128, 2, "kwargs {'num_classes': 10, 'in_channels': 1, 'width': 8} (now"),
     ]:
         assert main(args(out, *extra, limit=limit, epochs=epochs)) == 2, differs
