@@ -287,8 +287,9 @@ def markdown(result: dict[str, Any]) -> str:
                   f"answers {o['codes']}; "
                   f"transport errors {sum(o['transport_errors'].values())}",
                   f"- goodput {_f(o['goodput_images_per_s'])} images/s vs saturation "
-                  f"{_f(o['saturation_images_per_s'])}: {_f(o['targets']['goodput_vs_saturation']['value'], 3)} "
-                  f"(target >= 0.9)",
+                  f"{_f(o['saturation_images_per_s'])} (mean of the probes before and after, "
+                  f"{' and '.join(_f(s) for s in o['saturation_before_after_images_per_s'])}): "
+                  f"{_f(o['targets']['goodput_vs_saturation']['value'], 3)} (target >= 0.9)",
                   f"- queue depth (middle of run): median {_f(q['median'])}, max {_f(q['max'])} of capacity "
                   f"{_f(q['capacity'], 0)}; HTTP requests in progress: median {_f(busy['median'])}, "
                   f"max {_f(busy['max'])}",
