@@ -308,15 +308,7 @@ def test_a_control_route_load_of_a_version_still_warming_up_is_refused(store: Pa
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Both loads would finish; the second to register used to orphan the other's batcher, whose
     thread then outlived close() (and the process)."""
-    release = threading.Event()
-    read_artifact = registry_module.load_artifact
-
-    def held_at_v2(path: Path) -> Any:  # the configured v2 stays LOADING until released
-        if path.name == "2":
-            release.wait(30)
-        return read_artifact(path)
-
-    monkeypatch.setattr(registry_module, "load_artifact", held_at_v2)
+    release = hold_loading(monkeypatch, 2)  # the configured v2 stays LOADING until released
 
     async def main() -> None:
         registry = ModelRegistry(settings_for(store, "good:2"))
@@ -338,15 +330,7 @@ def test_a_control_route_load_of_a_version_still_warming_up_is_refused(store: Pa
 def test_unloading_configured_versions_while_they_load(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One unloaded while it compiles, one before its turn: the loader finishes the rest instead of
     dying on a KeyError (readiness then waited forever), and neither comes back, nor its series."""
-    release = threading.Event()
-    read_artifact = registry_module.load_artifact
-
-    def held_at_v1(path: Path) -> Any:
-        if path.name == "1":
-            release.wait(30)
-        return read_artifact(path)
-
-    monkeypatch.setattr(registry_module, "load_artifact", held_at_v1)
+    release = hold_loading(monkeypatch, 1)
 
     async def main() -> None:
         registry = ModelRegistry(settings_for(store, "good:1,good:2,corrupt"))
@@ -477,6 +461,20 @@ def test_a_hung_compute_holds_up_neither_unload_nor_shutdown(store: Path) -> Non
 
 
 # ----- small helpers -----
+
+def hold_loading(monkeypatch: pytest.MonkeyPatch, version: int) -> threading.Event:
+    """Make every load of ``version`` wait in ``load_artifact`` until the returned event is set."""
+    release = threading.Event()
+    read_artifact = registry_module.load_artifact
+
+    def held(path: Path) -> Any:
+        if path.name == str(version):
+            release.wait(30)
+        return read_artifact(path)
+
+    monkeypatch.setattr(registry_module, "load_artifact", held)
+    return release
+
 
 @pytest.mark.parametrize(("value", "expected"), [(None, None), ("", None), ("3", 3), (4, 4)])
 def test_parse_version(value: str | int | None, expected: int | None) -> None:
