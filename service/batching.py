@@ -3,12 +3,10 @@
 Policy (after Triton / TF Serving, avoiding TorchServe's and LitServe's worker-started timer):
 * an instance that is idle takes what is queued at once, so a lone request waits for nothing;
 * while instances are busy, arriving images gather into the next batch (up to ``max_batch_size``);
-* a batch is padded to the smallest compiled bucket that holds it, so when the bucket times say a
-  smaller full bucket computes images markedly faster, an instance takes that many and leaves the
-  rest for the next batch (:func:`batch_cuts`), and when a few more images would fill the bucket it
-  waits for them, no longer than the padding would cost (:func:`fill_waits`). The bucket times are
-  warm-up's at first, then those of the batches served (:class:`BucketTimes`): what a call costs
-  under load (GIL hand-offs, other threads on the cores) is not there to see at warm-up;
+* a batch is padded to the smallest compiled bucket that holds it, so when the instances' measured
+  bucket times say a smaller full bucket computes images markedly faster, an instance takes that
+  many and leaves the rest for the next batch (:func:`batch_cuts`), and when a few more images
+  would fill the bucket it waits for them, no longer than the padding would cost (:func:`fill_waits`);
 * with ``max_queue_delay_s`` > 0 an instance waits for a fuller batch, but never longer than that
   delay *measured from the oldest queued image's arrival*;
 * the queue is bounded in images: a request that does not fit is refused at once (503 with
@@ -71,7 +69,7 @@ def batch_cuts(bucket_seconds: Mapping[int, float], margin: float = 1.1) -> list
     batch of a split is taken instead when computing the n in several batches takes ``margin``
     times less time or better. On a 2-core CPU, for instance, 20 queued images go as 16 now and 4
     next (5.6 + 2.1 ms) rather than padded to 32 (13.4 ms); on a GPU, where a call costs nearly the
-    same at any size, nothing is split. The margin keeps timing noise from splitting batches.
+    same at any size, nothing is split. The margin keeps warm-up timing noise from splitting batches.
     """
     buckets = sorted(bucket_seconds)
     call = [0.0] + [bucket_seconds[next(b for b in buckets if b >= k)] for k in range(1, buckets[-1] + 1)]
@@ -103,60 +101,6 @@ def fill_waits(bucket_seconds: Mapping[int, float], cuts: Sequence[int]) -> list
     return waits
 
 
-class BucketTimes:
-    """Each bucket's seconds per call, warm-up's at first, then a moving average of the batches
-    served, with the cuts and fill waits they give.
-
-    Warm-up times one bucket after another on an idle machine; under load a call also pays for the
-    threads beside it, and not in proportion to its size. On 2 cores the warm-up's choice between
-    one batch of 32 and two of 16 was a coin flip (32 measured 0.86-1.15x two 16s, around the
-    margin), while under overload batches of 32 kept the most goodput (benchmarks/RESULTS.md, run Q).
-    A bucket that the cuts avoid is never served, so its time would stay warm-up's: one split in
-    ``explore_every`` is taken whole instead, to keep timing it.
-    """
-
-    def __init__(self, warmup: Mapping[int, float], max_batch_size: int, *, weight: float = 0.1,
-                 retune_every: int = 32, explore_every: int = 16) -> None:
-        self.seconds = dict(warmup)  # by bucket; empty: no timings (tests' stand-ins), nothing is cut
-        self.buckets = sorted(warmup)
-        self.weight = weight  # a served call's share of its bucket's average: about the last 1/weight calls
-        self.retune_every = retune_every
-        self.explore_every = explore_every
-        self._until_retune = retune_every
-        self._splits = 0
-        self.cuts = list(range(max_batch_size + 1))
-        self.fill_waits = [(0.0, 0)] * (max_batch_size + 1)
-        if self.seconds:
-            self.retune(self.seconds)
-
-    def retune(self, seconds: Mapping[int, float]) -> None:
-        """Cuts and fill waits from ``seconds`` (replaced together: a reader sees the old or the new)."""
-        cuts = batch_cuts(seconds)
-        self.cuts, self.fill_waits = cuts, fill_waits(seconds, cuts)
-
-    def size(self, queued: int) -> int:
-        """How many of ``queued`` images (at most the largest bucket) the next batch takes."""
-        size = self.cuts[queued]
-        if size < queued:
-            self._splits += 1
-            if self._splits % self.explore_every == 0:
-                return queued  # the bucket the cut avoids, timed now and then as served
-        return size
-
-    def served(self, images: int, seconds: float) -> dict[int, float] | None:
-        """Fold in a call of ``images`` that took ``seconds``; every ``retune_every`` calls, the
-        times to :meth:`retune` from (a copy: retuning need not hold the batcher's lock)."""
-        if not self.seconds:
-            return None
-        bucket = next(b for b in self.buckets if b >= images)
-        self.seconds[bucket] += self.weight * (seconds - self.seconds[bucket])
-        self._until_retune -= 1
-        if self._until_retune:
-            return None
-        self._until_retune = self.retune_every
-        return dict(self.seconds)
-
-
 class Reservation:
     """Room for ``n`` images held in a batcher's queue from a request's admission until its images
     are queued: a request admitted before decoding is not then refused after it (wasted decoding,
@@ -185,7 +129,8 @@ class DynamicBatcher:
         bucket_seconds: Mapping[int, float] | None = None,
     ) -> None:
         self.max_batch_size = max_batch_size
-        self.bucket_times = BucketTimes(bucket_seconds or {}, max_batch_size)  # guarded by _changed
+        self.cuts = batch_cuts(bucket_seconds) if bucket_seconds else list(range(max_batch_size + 1))
+        self.fill_waits = fill_waits(bucket_seconds, self.cuts) if bucket_seconds else [(0.0, 0)] * len(self.cuts)
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._instances = list(instances)
@@ -306,9 +251,8 @@ class DynamicBatcher:
                 self._computed(batch)
                 self._post(self._answer, batch, exc)
                 continue
+            self._computed(batch)
             elapsed = time.perf_counter() - started
-            if (times := self._computed(batch, elapsed)) is not None:
-                self.bucket_times.retune(times)  # off the lock: ~0.1 ms every few dozen batches
             self._inference_duration.observe(elapsed)
             self._batch_size.observe(len(batch))
             self._images.inc(len(batch))
@@ -333,12 +277,12 @@ class DynamicBatcher:
                         break
             looked = time.monotonic()
             while self._queue and not self._closed:
-                worth, bucket = self.bucket_times.fill_waits[min(len(self._queue), self.max_batch_size)]
+                worth, bucket = self.fill_waits[min(len(self._queue), self.max_batch_size)]
                 remaining = looked + worth - time.monotonic()
                 if remaining <= 0 or not self._wait(bucket, remaining):
                     break
             now = time.monotonic()
-            size = self.bucket_times.size(min(len(self._queue), self.max_batch_size))
+            size = self.cuts[min(len(self._queue), self.max_batch_size)]
             other_kind: list[_Item] = []  # one input kind per batch (uint8 images or float tensors): one tensor
             while self._queue and len(batch) < size:
                 item = self._queue.popleft()
@@ -362,12 +306,10 @@ class DynamicBatcher:
             self._post(self._expire, expired)
         return batch
 
-    def _computed(self, batch: list[_Item], seconds: float | None = None) -> dict[int, float] | None:
-        """The batch left the model (in ``seconds`` when it succeeded): its answer is on its way to
-        the loop (not close()'s to give). Returns the bucket times when the cuts are due a retune."""
+    def _computed(self, batch: list[_Item]) -> None:
+        """The batch left the model: its answer is on its way to the loop (not close()'s to give)."""
         with self._changed:
             self._in_flight.pop(id(batch), None)
-            return None if seconds is None else self.bucket_times.served(len(batch), seconds)
 
     def _wait(self, depth: int, timeout: float | None = None) -> bool:
         """Wait, holding ``_changed``, until the queue holds ``depth`` images or close(); False on

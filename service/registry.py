@@ -95,16 +95,9 @@ class ServedModel:
             info.update(device=str(r.device), precision=str(r.options.dtype).removeprefix("torch."),
                         compiled=r.compiled, compile_mode=r.options.mode if r.compiled else None,
                         buckets=r.buckets, instances=len(self.runners), warmup_s=self.warmup_s,
-                        bucket_ms=milliseconds(r.bucket_seconds))
-        if self.batcher is not None:  # the batch cuts follow these: the times of the batches served
-            info["served_bucket_ms"] = milliseconds(self.batcher.bucket_times.seconds)
+                        bucket_ms={b: round(t * 1000, 3) for b, t in r.bucket_seconds.items()})
         info["batching"] = self.batching
         return info
-
-
-def milliseconds(seconds: dict[int, float]) -> dict[int, float]:
-    """Seconds per call by bucket, in milliseconds for people."""
-    return {b: round(t * 1000, 3) for b, t in dict(seconds).items()}
 
 
 def settle_heap() -> None:

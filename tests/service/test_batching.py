@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batching import BucketTimes, DynamicBatcher, batch_cuts, fill_waits
+from service.batching import DynamicBatcher, batch_cuts, fill_waits
 from service.errors import DeadlineExceeded, TooLarge, Unavailable
 
 _names = itertools.count()
@@ -33,7 +33,7 @@ class Model:
     ``gate``: when set, the first call waits for it (the instance is busy until the test opens it).
     """
 
-    compute_s: float | Callable[[int], float] = 0.0  # seconds per call, or per call of n images
+    compute_s: float = 0.0
     gate: threading.Event | None = None
     poison: int | None = None
     batches: list[list[int]] = field(default_factory=list)
@@ -47,8 +47,8 @@ class Model:
         self.started.set()
         if self.gate is not None and len(self.batches) == 1:
             assert self.gate.wait(30), "the test never opened the gate"
-        if seconds := self.compute_s(len(images)) if callable(self.compute_s) else self.compute_s:
-            time.sleep(seconds)
+        if self.compute_s:
+            time.sleep(self.compute_s)
         if self.poison is not None and self.poison in ids:
             raise ValueError(f"cannot classify image {self.poison}")
         stacked = np.stack(images).astype(np.float32)
@@ -191,44 +191,6 @@ def test_an_instance_takes_the_cut_that_the_bucket_times_say() -> None:
         assert await first == [0] and await waiting == list(range(1, 21))
         await batcher.close(5)
         assert [len(b) for b in model.batches] == [1, 16, 4], model.batches
-
-    run(main)
-
-
-def test_bucket_times_follow_the_batches_served_and_keep_timing_the_bucket_a_cut_avoids() -> None:
-    times = BucketTimes(CPU_BUCKETS, 32, weight=1.0, retune_every=4, explore_every=4)
-    assert times.cuts == batch_cuts(CPU_BUCKETS) and times.fill_waits == fill_waits(CPU_BUCKETS, times.cuts)
-    assert [times.size(32) for _ in range(8)] == [16, 16, 16, 32] * 2, "one split in 4 is taken whole"
-    assert [times.size(8) for _ in range(3)] == [8] * 3, "no split, nothing to explore"
-    # Under load a call of 16 took 6.5 ms and one of 32 11 ms: 32 at a time is now the cheaper.
-    assert times.served(16, 6.5e-3) is None and times.served(16, 6.5e-3) is None and times.served(32, 11e-3) is None
-    assert times.cuts[32] == 16, "not retuned before retune_every calls"
-    snapshot = times.served(16, 6.5e-3)
-    assert snapshot == {**CPU_BUCKETS, 16: 6.5e-3, 32: 11e-3}
-    snapshot[32] = 0  # a copy: retuning off the lock never sees the batcher's own change under it
-    assert times.seconds[32] == 11e-3
-    times.retune(times.seconds)
-    assert times.cuts[32] == 32 and times.cuts[28] == 28 and times.cuts[20] == 8
-    assert times.fill_waits[28] == pytest.approx((11e-3 * 4 / 28, 32)), "worth waiting for 4 more now"
-    assert BucketTimes({}, 4).served(4, 1.0) is None and BucketTimes({}, 4).size(4) == 4, "untimed: nothing cut"
-
-
-def test_a_batcher_settles_on_the_cut_its_served_batches_say() -> None:
-    """Warm-up said 16 + 16 beat 32; served, a call of 16 takes 3 ms and one of 32 4 ms, so after
-    the batches that timed 32 (one split in 16) the instance takes 32 at a time."""
-    async def main() -> None:
-        model = Model(compute_s=lambda n: 0.003 if n <= 16 else 0.004)
-        batcher = DynamicBatcher([Instance(model)], max_batch_size=32, max_queue_delay_s=0.0, max_queue_size=5000,
-                                 model=f"batching-test-{next(_names)}", version=1, bucket_seconds=CPU_BUCKETS)
-        batcher.start()
-        ids = [i % 256 for i in range(4800)]  # an image holds its id in a uint8
-        assert await classify(batcher, *ids) == ids
-        await batcher.close(5)
-        sizes = [len(b) for b in model.batches]
-        assert sizes[:16] == [16] * 15 + [32], sizes[:16]
-        assert sizes[-30:] == [32] * 30, sizes
-        assert batcher.bucket_times.cuts[32] == 32
-        assert batcher.bucket_times.seconds[16] == pytest.approx(0.003, rel=0.5)
 
     run(main)
 
