@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +43,10 @@ from service.errors import DeadlineExceeded, TooLarge, Unavailable
 from service.stats import InferenceStats
 
 log = logging.getLogger("igcv2.batching")
+
+# The room a request's check at the door holds until its admission (contextvars follow the request
+# through the layers and routes that run between the two, all in the request's own task).
+DOOR: ContextVar[Reservation | None] = ContextVar("igcv2_door", default=None)
 
 
 class Instance(Protocol):
@@ -136,6 +142,7 @@ class DynamicBatcher:
         self._instances = list(instances)
         self._queue: deque[_Item] = deque()  # guarded by _changed, as are _closed and _in_flight
         self._reserved = 0  # room held for admitted requests still decoding (event loop only)
+        self._request_images = 1.0  # moving average of images per request at admission (event loop only)
         self._changed = threading.Condition(threading.Lock())
         self._waiting: list[int] = []  # for each waiting instance, the queue depth that ends its wait
         self._closed = False
@@ -179,11 +186,33 @@ class DynamicBatcher:
             self._rejected_full.inc(n)
             self.stats.record_failure(0.0)
             waiting = f"{len(self._queue)} of {self.max_queue_size} images waiting"
-            held = f", {self._reserved} more admitted and decoding" if self._reserved else ""
+            held = f", {self._reserved} more held for requests being read or decoded" if self._reserved else ""
             raise Unavailable(f"queue full ({waiting}{held}); retry later", 1)
 
+    def hold_door(self) -> Reservation:
+        """The check before a request's body is read, which holds room for as many images as
+        requests have lately brought (how many this one holds is not known yet) until its
+        admission (:meth:`reserve`, in the same context) or its end.
+
+        A check for one image that held nothing let every request through while a few places
+        were free, or all of them while the queue sat a few images short of full: each was then
+        refused at admission, after its body was read and parsed, and under overload those
+        refusals cost the event loop as much as answers; the loop fell behind, /metrics went
+        unanswered for 8-27 s and the p50 stayed at 700 ms (benchmarks/RESULTS.md, run Q)."""
+        room = self.reserve_room(min(self.max_queue_size, math.ceil(self._request_images)))
+        DOOR.set(room)
+        return room
+
     def reserve(self, n: int) -> Reservation:
-        """Admission: :meth:`check_room`, then hold the room until :meth:`submit` queues the images."""
+        """Admission: the room held at the door (if any) given back, :meth:`check_room` for ``n``,
+        then the room held until :meth:`submit` queues the images."""
+        self._request_images += 0.2 * (n - self._request_images)
+        if (door := DOOR.get()) is not None:
+            door.release()
+        return self.reserve_room(n)
+
+    def reserve_room(self, n: int) -> Reservation:
+        """:meth:`check_room` for ``n``, then that room held (by the door, or by admission)."""
         self.check_room(n)
         self._reserved += n
         return Reservation(self, n)

@@ -21,6 +21,7 @@ from starlette.routing import Match
 
 from igcv2.artifact import VERSION_TEXT
 from service import metrics
+from service.batching import Reservation
 from service.errors import BodyTimeout, ServiceError, TooLarge, Unavailable
 from service.registry import ModelRegistry
 
@@ -255,8 +256,8 @@ INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-
 
 
 class Shedding:
-    """503 + Retry-After for an inference request whose model's queue is full, before its body is
-    read and before it enters FastAPI.
+    """503 + Retry-After for an inference request whose model's queue has no room for as many
+    images as requests lately brought, before its body is read and before it enters FastAPI.
 
     Under overload most requests are refused. A refusal that went through FastAPI's routing,
     parameter parsing and body reading cost ~0.3 ms on the event loop that also feeds the model,
@@ -272,14 +273,22 @@ class Shedding:
         self.default_model = default_model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        door = None
         if scope["type"] == "http" and scope["method"] == "POST":
-            refusal = self.refusal(scope)
-            if refusal is not None:
+            try:
+                door = self.hold_door(scope)
+            except Unavailable as refusal:
                 await send_error(send, refusal.status_code, refusal.message, refusal.headers)
                 return
-        await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if door is not None:
+                door.release()  # never admitted (a 4xx, a client gone); admission gave it back already
 
-    def refusal(self, scope: Scope) -> Unavailable | None:
+    def hold_door(self, scope: Scope) -> Reservation | None:
+        """Room held for the request until its admission (503 when there is none), or None when
+        this cannot tell which model it is for: the routes give the precise error."""
         target = self.target(scope)
         if target is None:
             return None
@@ -287,13 +296,7 @@ class Shedding:
             served = self.registry.resolve(*target)
         except ServiceError:
             return None
-        if served.batcher is None:
-            return None
-        try:
-            served.batcher.check_room(1)
-        except Unavailable as exc:
-            return exc
-        return None
+        return None if served.batcher is None else served.batcher.hold_door()
 
     def target(self, scope: Scope) -> tuple[str, int | None] | None:
         """The (model, version) an inference request addresses, or None."""

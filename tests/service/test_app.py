@@ -358,15 +358,19 @@ def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str,
 
 # ----- readiness with a broken model -----
 
-def test_a_request_failing_after_admission_gives_its_queue_room_back(store: Path) -> None:
-    """Admission holds room for a request's images until they are queued; one refused while
-    decoding (a corrupt second image) must not keep it, or the queue would shrink with every bad request."""
+def test_a_failing_request_gives_its_queue_room_back(store: Path) -> None:
+    """The door holds room for a request until its admission, and admission for its images until
+    they are queued; a request refused before admission (a bad parameter, too many images) or
+    while decoding (a corrupt second image) must keep neither, or the queue would shrink with every
+    bad request."""
     settings = app_settings(store, max_queue_size=2, max_images_per_request=2)
     good, corrupt = fashion_pngs(1)[0], fashion_pngs(1)[0][:60]
     with TestClient(create_app(settings)) as small:
         wait_ready(small)
         for _ in range(3):
             assert_error(small.post("/classify", files=multipart([good, corrupt])), 400)
+            assert_error(small.post("/classify?top_k=0", files=multipart([good])), 422)
+            assert_error(small.post("/classify", files=multipart([good] * 3)), 413)
         response = small.post("/classify", files=multipart([good, good]))
         assert response.status_code == 200, response.text
         served = small.app.state.registry.resolve(DEFAULT_MODEL)  # type: ignore[attr-defined]

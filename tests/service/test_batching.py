@@ -4,6 +4,7 @@ bounds, deadlines, shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import threading
 import time
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.batching import DynamicBatcher, batch_cuts, fill_waits
+from service.batching import DOOR, DynamicBatcher, Reservation, batch_cuts, fill_waits
 from service.errors import DeadlineExceeded, TooLarge, Unavailable
 
 _names = itertools.count()
@@ -354,6 +355,45 @@ def test_full_queue_refuses_at_once_with_retry_after() -> None:
     run(main)
 
 
+def test_the_door_holds_room_for_as_many_images_as_requests_lately_brought_until_admission() -> None:
+    """Requests of 4 with 2 places left: one image would fit, but the next request will not, and a
+    refusal after its body is read and parsed costs the event loop as much as an answer. Room held
+    at the door keeps requests that passed it together from outnumbering the room."""
+    async def main() -> None:
+        batcher, labels = make(Model(), queue=10)
+
+        def door() -> Reservation:  # each request in a context of its own, as each has its own task
+            return contextvars.copy_context().run(batcher.hold_door)
+
+        hold = door()
+        assert hold.n == 1, "nothing seen yet: room for one"
+        hold.release()
+        for _ in range(6):
+            batcher.reserve(4).release()  # requests of 4 came and went
+        first, second = door(), door()
+        assert (first.n, second.n) == (4, 4) and batcher._reserved == 8
+        shed_before = metric("igcv2_rejected_images_total", labels, reason="queue_full")
+        with pytest.raises(Unavailable, match="8 more held for requests being read"):
+            door()  # 2 places left
+        assert metric("igcv2_rejected_images_total", labels, reason="queue_full") == shed_before + 4
+        batcher.check_room(1)  # though one image would still fit
+
+        def admit(hold: Reservation, n: int) -> Reservation:
+            context = contextvars.Context()
+            context.run(DOOR.set, hold)
+            return context.run(batcher.reserve, n)
+
+        room = admit(first, 4)
+        assert first.n == 0 and batcher._reserved == 8, "admission swaps the door's hold for its own room"
+        second.release()  # its request ended before admission (a 400, say)
+        assert batcher._reserved == 4
+        room.release()
+        assert door().n == 4
+        await batcher.close(5)
+
+    run(main)
+
+
 def test_request_larger_than_the_queue_is_413_not_a_retry() -> None:
     """An empty queue would not hold it either: a 503 telling the client to retry (and counted as
     shed load, which alerts) would be a lie."""
@@ -377,7 +417,8 @@ def test_admitted_requests_hold_their_room_until_queued() -> None:
         model = Model()
         batcher, _ = make(model, queue=4)
         first = batcher.reserve(3)  # admitted, still decoding
-        with pytest.raises(Unavailable, match=r"queue full \(0 of 4 images waiting, 3 more admitted and decoding\)"):
+        held = r"queue full \(0 of 4 images waiting, 3 more held for requests being read or decoded\)"
+        with pytest.raises(Unavailable, match=held):
             batcher.reserve(2)
         second = batcher.reserve(1)  # exactly the room left
         assert len(await batcher.submit([np.full((2, 2, 1), i, np.uint8) for i in range(3)], later(), first)) == 3
