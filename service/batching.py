@@ -141,7 +141,7 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self._instances = list(instances)
         self._queue: deque[_Item] = deque()  # guarded by _changed, as are _closed and _in_flight
-        self._reserved = 0  # room held for admitted requests still decoding (event loop only)
+        self._reserved = 0  # room held at the door and for admitted requests still decoding (event loop only)
         self._request_images = 1.0  # moving average of images per request at admission (event loop only)
         self._changed = threading.Condition(threading.Lock())
         self._waiting: list[int] = []  # for each waiting instance, the queue depth that ends its wait
