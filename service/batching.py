@@ -199,14 +199,15 @@ class DynamicBatcher:
         refused at admission, after its body was read and parsed, and under overload those
         refusals cost the event loop as much as answers; the loop fell behind, /metrics went
         unanswered for 8-27 s and the p50 stayed at 700 ms (benchmarks/RESULTS.md, run Q)."""
-        room = self.reserve_room(min(self.max_queue_size, math.ceil(self._request_images)))
+        room = self.reserve_room(math.ceil(self._request_images))  # 1 <= the average <= max_queue_size
         DOOR.set(room)
         return room
 
     def reserve(self, n: int) -> Reservation:
         """Admission: the room held at the door (if any) given back, :meth:`check_room` for ``n``,
         then the room held until :meth:`submit` queues the images."""
-        self._request_images += 0.2 * (n - self._request_images)
+        if 0 < n <= self.max_queue_size:  # not a request that can never fit (413): it says nothing of the next
+            self._request_images += 0.2 * (n - self._request_images)
         if (door := DOOR.get()) is not None:
             door.release()
         return self.reserve_room(n)

@@ -388,6 +388,8 @@ def test_the_door_holds_room_for_as_many_images_as_requests_lately_brought_until
         second.release()  # its request ended before admission (a 400, say)
         assert batcher._reserved == 4
         room.release()
+        with pytest.raises(TooLarge):
+            batcher.reserve(11)  # can never fit: says nothing of the requests to come
         assert door().n == 4
         await batcher.close(5)
 
