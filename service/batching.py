@@ -44,8 +44,8 @@ from service.stats import InferenceStats
 
 log = logging.getLogger("igcv2.batching")
 
-# The room a request's check at the door holds until its admission (contextvars follow the request
-# through the layers and routes that run between the two, all in the request's own task).
+# The room held for a request from its body's arrival until its admission (contextvars follow the
+# request through the layers and routes between the two, all in the request's own task).
 DOOR: ContextVar[Reservation | None] = ContextVar("igcv2_door", default=None)
 
 
@@ -108,9 +108,10 @@ def fill_waits(bucket_seconds: Mapping[int, float], cuts: Sequence[int]) -> list
 
 
 class Reservation:
-    """Room for ``n`` images held in a batcher's queue from a request's admission until its images
-    are queued: a request admitted before decoding is not then refused after it (wasted decoding,
-    under overload, of exactly the requests that could have been served)."""
+    """Room for ``n`` images held in a batcher's queue for a request, from the arrival of its body
+    (:meth:`DynamicBatcher.hold`) or its admission until its images are queued: a request admitted
+    before decoding is not then refused after it (wasted parsing and decoding, under overload, of
+    exactly the requests that could have been served)."""
 
     def __init__(self, batcher: DynamicBatcher, n: int) -> None:
         self.batcher = batcher
@@ -141,7 +142,7 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self._instances = list(instances)
         self._queue: deque[_Item] = deque()  # guarded by _changed, as are _closed and _in_flight
-        self._reserved = 0  # room held at the door and for admitted requests still decoding (event loop only)
+        self._reserved = 0  # room held for requests being parsed or decoded (event loop only)
         self._request_images = 1.0  # moving average of images per request at admission (event loop only)
         self._changed = threading.Condition(threading.Lock())
         self._waiting: list[int] = []  # for each waiting instance, the queue depth that ends its wait
@@ -189,31 +190,39 @@ class DynamicBatcher:
             held = f", {self._reserved} more held for requests being read or decoded" if self._reserved else ""
             raise Unavailable(f"queue full ({waiting}{held}); retry later", 1)
 
-    def hold_door(self) -> Reservation:
-        """The check before a request's body is read, which holds room for as many images as
-        requests have lately brought (how many this one holds is not known yet) until its
-        admission (:meth:`reserve`, in the same context) or its end.
+    def door(self) -> Reservation:
+        """The check before a request's body is read: 503 unless there is room for as many images
+        as requests have lately brought (how many this one holds is not known yet). Returns an
+        empty reservation for :meth:`hold` to fill once the body is in, and admission to empty.
 
-        A check for one image that held nothing let every request through while a few places
-        were free, or all of them while the queue sat a few images short of full: each was then
-        refused at admission, after its body was read and parsed, and under overload those
-        refusals cost the event loop as much as answers; the loop fell behind, /metrics went
-        unanswered for 8-27 s and the p50 stayed at 700 ms (benchmarks/RESULTS.md, run Q)."""
-        room = self.reserve_room(math.ceil(self._request_images))  # 1 <= the average <= max_queue_size
-        DOOR.set(room)
-        return room
+        A check for one image let every request through while a few places were free, or all of
+        them while the queue sat a few images short of full: each was then refused at admission,
+        after its body was read and parsed, and under overload those refusals cost the event loop
+        as much as answers; it fell behind, /metrics went unanswered for 8-27 s and the p50 stayed
+        at 700 ms (benchmarks/RESULTS.md, run Q)."""
+        self.check_room(self._door_images())
+        return Reservation(self, 0)
+
+    def hold(self, room: Reservation) -> None:
+        """Once the request's body is in, before it is parsed: hold room for as many images as
+        requests have lately brought until admission, or 503. Requests between the two never
+        outnumber the room, and an upload in progress (slow, or stalled on purpose) holds none."""
+        n = self._door_images()
+        self.check_room(n)
+        self._reserved += n
+        room.n += n
+
+    def _door_images(self) -> int:
+        # The average creeps towards a whole number from above and stops an ulp short of it.
+        return math.ceil(self._request_images - 1e-9)
 
     def reserve(self, n: int) -> Reservation:
-        """Admission: the room held at the door (if any) given back, :meth:`check_room` for ``n``,
-        then the room held until :meth:`submit` queues the images."""
+        """Admission: the room held since the body came in (if any) given back, :meth:`check_room`
+        for ``n``, then the room held until :meth:`submit` queues the images."""
         if 0 < n <= self.max_queue_size:  # not a request that can never fit (413): it says nothing of the next
             self._request_images += 0.2 * (n - self._request_images)
         if (door := DOOR.get()) is not None:
             door.release()
-        return self.reserve_room(n)
-
-    def reserve_room(self, n: int) -> Reservation:
-        """:meth:`check_room` for ``n``, then that room held (by the door, or by admission)."""
         self.check_room(n)
         self._reserved += n
         return Reservation(self, n)

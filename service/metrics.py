@@ -59,6 +59,8 @@ WARMUP_DURATION = Gauge(
 )
 DEVICE_MEMORY = Gauge("igcv2_device_memory_bytes", "CUDA memory allocated by the service.", ["device"])
 REJECTED = Counter(
-    "igcv2_rejected_images", "Images refused or dropped before compute, by reason (queue_full, deadline).",
+    "igcv2_rejected_images",
+    "Images refused or dropped before compute, by reason (queue_full, deadline); a request refused "
+    "before its body is read counts as many images as requests lately brought.",
     ["model", "version", "reason"],
 )

@@ -21,7 +21,7 @@ from starlette.routing import Match
 
 from igcv2.artifact import VERSION_TEXT
 from service import metrics
-from service.batching import Reservation
+from service.batching import DOOR, Reservation
 from service.errors import BodyTimeout, ServiceError, TooLarge, Unavailable
 from service.registry import ModelRegistry
 
@@ -255,6 +255,22 @@ class Draining:
 INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]+))?/infer")
 
 
+def holding(receive: Receive, room: Reservation) -> Receive:
+    """``receive``, which holds ``room`` in its queue once the body is in: a 503 from the route's
+    body read, before the body is parsed, when there is none left."""
+    held = False
+
+    async def receive_holding() -> Message:
+        nonlocal held
+        message = await receive()
+        if not held and message["type"] == "http.request" and not message.get("more_body", False):
+            held = True
+            room.batcher.hold(room)
+        return message
+
+    return receive_holding
+
+
 class Shedding:
     """503 + Retry-After for an inference request whose model's queue has no room for as many
     images as requests lately brought, before its body is read and before it enters FastAPI.
@@ -273,22 +289,25 @@ class Shedding:
         self.default_model = default_model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        door = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            try:
-                door = self.hold_door(scope)
-            except Unavailable as refusal:
-                await send_error(send, refusal.status_code, refusal.message, refusal.headers)
-                return
-        try:
+        if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
+            return
+        try:
+            room = self.door(scope)
+        except Unavailable as refusal:
+            await send_error(send, refusal.status_code, refusal.message, refusal.headers)
+            return
+        token = DOOR.set(room)  # None too: never what a request before it on the connection held
+        try:
+            await self.app(scope, receive if room is None else holding(receive, room), send)
         finally:
-            if door is not None:
-                door.release()  # never admitted (a 4xx, a client gone); admission gave it back already
+            if room is not None:
+                room.release()  # never admitted (a 4xx, a client gone); admission gave it back already
+            DOOR.reset(token)
 
-    def hold_door(self, scope: Scope) -> Reservation | None:
-        """Room held for the request until its admission (503 when there is none), or None when
-        this cannot tell which model it is for: the routes give the precise error."""
+    def door(self, scope: Scope) -> Reservation | None:
+        """The model's door check (503 when its queue has no room), or None when this cannot tell
+        which model the request is for: the routes give the precise error."""
         target = self.target(scope)
         if target is None:
             return None
@@ -296,7 +315,7 @@ class Shedding:
             served = self.registry.resolve(*target)
         except ServiceError:
             return None
-        return None if served.batcher is None else served.batcher.hold_door()
+        return None if served.batcher is None else served.batcher.door()
 
     def target(self, scope: Scope) -> tuple[str, int | None] | None:
         """The (model, version) an inference request addresses, or None."""

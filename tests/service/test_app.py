@@ -356,6 +356,35 @@ def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str,
     assert "queue full (2 of 2 images waiting)" in json.loads(sent[1]["body"])["error"]
 
 
+def test_an_upload_in_progress_holds_no_queue_room(store: Path) -> None:
+    """Room is held from a body's arrival, not from the door: a client that uploads slowly (or
+    stalls on purpose, up to the body timeout) must not keep others out of an idle model."""
+    app = create_app(app_settings(store, max_queue_size=1, max_batch_size=1))
+    png = fashion_pngs(1)[0]
+
+    async def scenario() -> tuple[int, int, int]:
+        async with running(app):
+            batcher = app.state.registry.resolve(DEFAULT_MODEL).batcher
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                rest = asyncio.Event()
+
+                async def slow_body() -> AsyncIterator[bytes]:
+                    yield png[:10]
+                    await rest.wait()
+                    yield png[10:]
+
+                slow = asyncio.ensure_future(client.post("/classify", content=slow_body(),
+                                                         headers={"content-type": "image/png"}))
+                await asyncio.sleep(0.2)
+                held = batcher._reserved
+                other = await client.post("/classify", content=png, headers={"content-type": "image/png"})
+                rest.set()
+                return held, other.status_code, (await slow).status_code
+
+    assert asyncio.run(scenario()) == (0, 200, 200)
+
+
 # ----- readiness with a broken model -----
 
 def test_a_failing_request_gives_its_queue_room_back(store: Path) -> None:

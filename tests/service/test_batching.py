@@ -355,42 +355,48 @@ def test_full_queue_refuses_at_once_with_retry_after() -> None:
     run(main)
 
 
-def test_the_door_holds_room_for_as_many_images_as_requests_lately_brought_until_admission() -> None:
+def test_the_door_asks_room_for_as_many_images_as_requests_lately_brought_and_holds_it_until_admission() -> None:
     """Requests of 4 with 2 places left: one image would fit, but the next request will not, and a
     refusal after its body is read and parsed costs the event loop as much as an answer. Room held
-    at the door keeps requests that passed it together from outnumbering the room."""
+    from a body's arrival keeps requests being parsed together from outnumbering the room."""
     async def main() -> None:
         batcher, labels = make(Model(), queue=10)
-
-        def door() -> Reservation:  # each request in a context of its own, as each has its own task
-            return contextvars.copy_context().run(batcher.hold_door)
-
-        hold = door()
-        assert hold.n == 1, "nothing seen yet: room for one"
-        hold.release()
+        room = batcher.door()
+        assert room.n == 0, "the door holds nothing: an upload in progress must not hold the queue"
+        batcher.hold(room)
+        assert room.n == 1 and batcher._reserved == 1, "nothing seen yet: room for one"
+        room.release()
         for _ in range(6):
             batcher.reserve(4).release()  # requests of 4 came and went
-        first, second = door(), door()
+        first, second = batcher.door(), batcher.door()
+        batcher.hold(first), batcher.hold(second)
         assert (first.n, second.n) == (4, 4) and batcher._reserved == 8
         shed_before = metric("igcv2_rejected_images_total", labels, reason="queue_full")
         with pytest.raises(Unavailable, match="8 more held for requests being read"):
-            door()  # 2 places left
+            batcher.door()  # 2 places left
         assert metric("igcv2_rejected_images_total", labels, reason="queue_full") == shed_before + 4
         batcher.check_room(1)  # though one image would still fit
+        late = Reservation(batcher, 0)
+        with pytest.raises(Unavailable):
+            batcher.hold(late)  # passed the door before the others' bodies came in: refused before parsing
+        assert late.n == 0 and batcher._reserved == 8
 
-        def admit(hold: Reservation, n: int) -> Reservation:
-            context = contextvars.Context()
-            context.run(DOOR.set, hold)
-            return context.run(batcher.reserve, n)
-
-        room = admit(first, 4)
-        assert first.n == 0 and batcher._reserved == 8, "admission swaps the door's hold for its own room"
+        context = contextvars.Context()
+        context.run(DOOR.set, first)
+        admitted = context.run(batcher.reserve, 4)
+        assert first.n == 0 and batcher._reserved == 8, "admission swaps the held room for its own"
         second.release()  # its request ended before admission (a 400, say)
-        assert batcher._reserved == 4
-        room.release()
+        admitted.release()
+        assert batcher._reserved == 0
         with pytest.raises(TooLarge):
             batcher.reserve(11)  # can never fit: says nothing of the requests to come
-        assert door().n == 4
+        assert batcher._door_images() == 4
+        for _ in range(3):
+            batcher.reserve(1).release()
+        batcher.reserve(2).release()
+        for _ in range(200):
+            batcher.reserve(1).release()
+        assert batcher._door_images() == 1, f"the average crept to {batcher._request_images!r}"
         await batcher.close(5)
 
     run(main)
