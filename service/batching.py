@@ -207,10 +207,7 @@ class DynamicBatcher:
         """Once the request's body is in, before it is parsed: hold room for as many images as
         requests have lately brought until admission, or 503. Requests between the two never
         outnumber the room, and an upload in progress (slow, or stalled on purpose) holds none."""
-        n = self._door_images()
-        self.check_room(n)
-        self._reserved += n
-        room.n += n
+        room.n += self._take(self._door_images())
 
     def _door_images(self) -> int:
         # The average creeps towards a whole number from above and stops an ulp short of it.
@@ -223,9 +220,13 @@ class DynamicBatcher:
             self._request_images += 0.2 * (n - self._request_images)
         if (door := DOOR.get()) is not None:
             door.release()
+        return Reservation(self, self._take(n))
+
+    def _take(self, n: int) -> int:
+        """:meth:`check_room` for ``n`` images, then count them as held; returns ``n``."""
         self.check_room(n)
         self._reserved += n
-        return Reservation(self, n)
+        return n
 
     async def submit(self, images: list[np.ndarray], deadline: float,
                      reservation: Reservation | None = None) -> list[np.ndarray]:

@@ -93,12 +93,9 @@ class Engine:
         labels = served.ready_config.labels
         if top_k > len(labels):
             raise InvalidParameter(f"top_k={top_k} exceeds the {len(labels)} classes of {served.name}")
-        deadline, room = served.admit(len(uploads), timeout_s, arrival)
-        try:
+        with served.admitted(len(uploads), timeout_s, arrival) as (deadline, room):
             images = await self.decode(served.ready_config.input, served.name, uploads)
             logits = await served.infer(images, deadline, room)
-        finally:
-            room.release()  # a no-op once the images were queued
         results = []
         for upload, row in zip(uploads, logits, strict=True):
             probs = softmax(row.astype(np.float64))
@@ -123,8 +120,7 @@ class Engine:
         tensor = oip.model_input(request, config.input)
         requested = oip.resolve_outputs(request)
         self.check_count(oip.batch_size(tensor))
-        deadline, room = served.admit(oip.batch_size(tensor), min(timeouts) if timeouts else None, arrival)
-        try:
+        with served.admitted(oip.batch_size(tensor), min(timeouts) if timeouts else None, arrival) as (deadline, room):
             if tensor.name == oip.ENCODED:
                 files = oip.encoded_images(tensor)
                 uploads = [Upload(f"{oip.ENCODED}[{i}]", None, f) for i, f in enumerate(files)]
@@ -132,8 +128,6 @@ class Engine:
             else:
                 images = oip.image_arrays(tensor)
             logits = np.stack(await served.infer(images, deadline, room))
-        finally:
-            room.release()  # a no-op once the images were queued
         if not np.isfinite(logits).all():  # only far-out ``normalized`` values get here; JSON cannot carry inf/NaN
             raise BadInput(f"the model's outputs overflow for this input: {oip.NORMALIZED!r} values lie far "
                            "outside the range of a normalised image")

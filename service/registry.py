@@ -15,6 +15,7 @@ import gc
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,18 +68,23 @@ class ServedModel:
         reason = f": {self.reason}" if self.reason else ""
         return f"model {self.name} version {self.version} is not ready ({self.state}{reason})"
 
-    def admit(self, n: int, timeout_s: float | None, arrival: float) -> tuple[float, Reservation]:
+    @contextlib.contextmanager
+    def admitted(self, n: int, timeout_s: float | None, arrival: float) -> Iterator[tuple[float, Reservation]]:
         """Admission before any decoding: 503 unless ready with room for ``n`` images, room then held
-        for them (release it if the request fails before :meth:`infer`). Returns the request's
-        deadline, its own timeout or else this model's ``request_timeout_s`` from arrival, and the room."""
+        for them until they are queued by :meth:`infer`, or given back when the request leaves this
+        block without. Yields the request's deadline (its own timeout, else this model's
+        ``request_timeout_s``, from arrival) and the room."""
         if self.state is not State.READY or self.batcher is None:
             raise Unavailable(self.not_ready_message(), 5)
         room = self.batcher.reserve(n)
-        return arrival + (timeout_s if timeout_s is not None else self.batching["request_timeout_s"]), room
+        try:
+            yield arrival + (timeout_s if timeout_s is not None else self.batching["request_timeout_s"]), room
+        finally:
+            room.release()  # a no-op once the images were queued
 
     async def infer(self, images: list[np.ndarray], deadline: float,
                     room: Reservation | None = None) -> list[np.ndarray]:
-        """Logits for each image, through the shared dynamic batcher (into ``room``, from :meth:`admit`)."""
+        """Logits for each image, through the shared dynamic batcher (into ``room``, from :meth:`admitted`)."""
         if self.state is not State.READY or self.batcher is None:
             raise Unavailable(self.not_ready_message(), 5)
         return await self.batcher.submit(images, deadline, room)
