@@ -9,6 +9,9 @@
 #     coldstart  seconds to /health/ready, empty then warm inductor cache
 #     serve      python -m benchmarks.run on the GPU: igcv2-fashion (PNG), the ImageNet preset with
 #                photos as JPEG at 224x224, and at camera size 1024x768 (8 images per request)
+#     workers    the batching sweep alone (--mode sweep) for igcv2-fashion and the ImageNet preset at
+#                224x224 with each IGCV2_WORKERS in $FASHION_WORKERS / $IMAGENET_WORKERS (default "1 4 8"):
+#                server processes per GPU
 #
 # Every stage has its own time limit, and OUT/summary.tgz is refreshed after each one, so a run
 # cut short still returns what it measured. Stages may be split over several calls on one host:
@@ -16,7 +19,7 @@
 set -uo pipefail
 out=$(realpath -m "${1:?usage: benchmarks/gpu_check.sh OUT [STAGE...]}")
 shift
-stages=${*:-info tests compare coldstart serve}
+stages=${*:-info tests compare coldstart serve workers}
 work=/tmp/gpu-check
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$work/inductor-cache}
@@ -87,6 +90,16 @@ torch.cuda.get_device_name(), platform.python_version())"; nproc; } 2>&1 | tee "
       --open-loop-rates 0.5 --open-loop-duration 4
     [ -z "${SKIP_CAMERA:-}" ] && bench imagenet-camera 60 --model imagenet --photo-size 1024x768 --images-per-request 8 --concurrency 1,4,16 \
       --no-batching-concurrency 4 --open-loop-rates 0.5 --open-loop-duration 4
+    ;;
+  workers)
+    for w in ${FASHION_WORKERS:-1 4 8}; do
+      bench fashion-w$w 100 --mode sweep --model fashion --concurrency 16,64,256 --open-loop-rates 0.5 \
+        --open-loop-duration 5 --server-env IGCV2_WORKERS=$w
+    done
+    for w in ${IMAGENET_WORKERS:-1 4 8}; do
+      bench imagenet-224-w$w 110 --mode sweep --model imagenet --photo-size 224x224 --concurrency 16,64,256 \
+        --open-loop-rates 0.5 --open-loop-duration 5 --server-env IGCV2_WORKERS=$w
+    done
     ;;
   *) echo "unknown stage $stage" >&2 ;;
   esac

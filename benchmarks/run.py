@@ -4,6 +4,8 @@ Modes (``--mode``, comma-separated, or ``all``):
 * ``throughput`` (issue 3): the in-process ceiling; the service with batching under a closed-loop
   concurrency sweep and at fixed offered rates (open loop); the same service with
   ``IGCV2_MAX_BATCH_SIZE=1`` under the same sweep; the three target ratios.
+* ``sweep``: the service with batching alone (closed loop and open loop), no ceiling and no
+  second server: to compare server settings (``--server-env IGCV2_WORKERS=4``) in little time.
 * ``overload`` (issue 7): a fixed offered load well above capacity (``--overload-factor`` times the
   saturation throughput, paced) for a set time, or with ``--overload-concurrency`` a closed loop of
   clients that retry at once on 503 (ignoring Retry-After): every request answered, goodput vs
@@ -40,7 +42,8 @@ from benchmarks.loadgen import Body, HeyRun, Stream
 from benchmarks.server import ROOT, GpuUtilization, Service, http
 from benchmarks.workloads import Workload, latest_version_dir, model_info, prepare, soak_classes, valid_bodies
 
-MODES = ("throughput", "overload", "soak")
+MODES = ("throughput", "sweep", "overload", "soak")
+ALL_MODES = ("throughput", "overload", "soak")  # "all": sweep is a part of throughput
 MIB = 1024 * 1024
 QUIET_OTHER_CORES = 0.25  # CPU used by anything but the server and hey above which a phase is "not quiet"
 
@@ -128,7 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.set_defaults(**SMOKE)
     args = p.parse_args(argv)
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
-    args.modes = list(MODES) if "all" in modes else modes
+    args.modes = list(ALL_MODES) if "all" in modes else modes
     unknown = set(args.modes) - set(MODES)
     if unknown or not args.modes:
         p.error(f"--mode: unknown {sorted(unknown)}; choose from {', '.join(MODES)} or all")
@@ -524,7 +527,7 @@ class Bench:
         with self.start_service("batching") as svc:
             result["batching"] = {"server": svc.describe(), "startup_s": svc.startup_s}
             saturation: dict[str, Any] | None = None
-            if "throughput" in modes:
+            if modes & {"throughput", "sweep"}:
                 sweep = self.sweep(svc, "batching", args.concurrency)
                 result["batching"]["sweep"] = sweep
                 saturation = max(sweep, key=lambda p: p["throughput_images_per_s"])

@@ -8,6 +8,7 @@ standard library (urllib, /proc) to keep the orchestrating process light on a 2-
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -84,12 +85,15 @@ class Metrics:
 
 
 def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads), from /proc."""
+    """User + system CPU seconds of a process (all its threads) and its live descendants (the workers
+    of IGCV2_WORKERS > 1), from /proc."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except (OSError, IndexError):
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return own + sum(cpu for cpu in map(process_cpu_s, children) if not math.isnan(cpu))  # nan: gone meanwhile
 
 
 def machine_cpu_s() -> tuple[float, float]:

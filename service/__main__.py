@@ -1,6 +1,7 @@
 """python -m service: serve the model store with uvicorn (uvloop + httptools, with limits on request heads).
 
-Settings come from IGCV2_* environment variables (or .env); --help lists them.
+Settings come from IGCV2_* environment variables (or .env); --help lists them. With IGCV2_WORKERS > 1
+this process supervises that many copies of itself on one port (service/workers.py).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
@@ -21,6 +24,7 @@ from service.config import Settings, env_name
 from service.http_protocol import bounded_http
 from service.registry import ModelRegistry
 from service.runtime import configure_cpu_threads
+from service.workers import RUN_DIR, Supervisor, WorkerSet, follow_parent
 
 
 class Server(uvicorn.Server):
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m service", description=__doc__.splitlines()[0], epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.parse_args(argv)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:SOCKET_FD:SUPERVISOR_PID, from the supervisor
+    args = parser.parse_args(argv)
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -66,12 +71,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"invalid settings:\n{problems}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    configure_cpu_threads(settings.cpu_threads)
+    who = f" [worker {args.worker.split(':')[0]}]" if args.worker else ""
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
+    if settings.workers > 1 and not args.worker:
+        return Supervisor(settings).run()
+    return serve(settings, args.worker)
+
+
+def serve(settings: Settings, worker: str | None) -> int:
+    """Run one server: alone on its own socket, or as worker ``INDEX:SOCKET_FD:SUPERVISOR_PID``."""
+    sockets, workers = None, None
+    if worker:
+        index, fd, supervisor = map(int, worker.split(":"))
+        follow_parent(supervisor)
+        sockets = [socket.socket(fileno=fd)]
+        workers = WorkerSet(Path(os.environ[RUN_DIR]), index, settings.workers)
+    configure_cpu_threads(settings.cpu_threads, settings.cores)
     # A compiled forward releases and retakes the GIL dozens of times; each time the busy event loop may
     # keep it for a whole switch interval. CPython's 5 ms cost 28% of saturation (benchmarks/RESULTS.md).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-    app = create_app(settings)
+    app = create_app(settings, workers)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop",
         http=bounded_http(settings.max_header_bytes, settings.header_timeout_s),
@@ -79,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # int seconds; never round 0.5 down to 0
     )
     try:
-        Server(config).run()
+        Server(config).run(sockets=sockets)
     except SystemExit as exc:  # how uvicorn ends when it cannot start, e.g. when its port is taken
         abandon_loading(app.state.registry, exc.code if isinstance(exc.code, int) else 1)
         raise

@@ -13,7 +13,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -24,20 +24,28 @@ from service.config import Settings
 from service.engine import Engine
 from service.errors import ServiceError
 from service.registry import ModelRegistry
+from service.workers import WorkerSet, metrics_registry
 
 log = logging.getLogger("igcv2.app")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, workers: WorkerSet | None = None) -> FastAPI:
+    """The service; ``workers``: this process is one of several on one port (service/workers.py)."""
     settings = settings or Settings()
     registry = ModelRegistry(settings)
     engine = Engine(settings, registry)
 
+    def load(loop: asyncio.AbstractEventLoop) -> None:
+        if workers:
+            workers.announce(ready=False)
+        registry.load_configured(loop)
+        record_device_memory()  # after warm-up, so each worker's share is there before any scrape of it
+        if workers:
+            workers.announce(ready=registry.is_ready())
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(
-            target=registry.load_configured, args=(asyncio.get_running_loop(),), name="model-loader", daemon=True
-        )
+        loader = threading.Thread(target=load, args=(asyncio.get_running_loop(),), name="model-loader", daemon=True)
         loader.start()
         forced = True  # left by a cancellation (a forced exit) or an error in-process: stop now, drain nothing
         try:
@@ -69,18 +77,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redirect_slashes=False,  # an API: "/models/" is a 404 like any unknown path, not a redirect to "/models"
     )
     app.state.settings, app.state.registry, app.state.engine, app.state.draining = settings, registry, engine, False
+    app.state.workers = workers
+    scraped = metrics_registry(workers) if workers else REGISTRY
     for router in (classify.router, models.router, health.router, v2.router):
         app.include_router(router)
 
     @app.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
     async def prometheus_metrics() -> Response:
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                metrics.DEVICE_MEMORY.labels(device=f"cuda:{i}").set(torch.cuda.memory_allocated(i))
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        record_device_memory()
+        return Response(generate_latest(scraped), media_type=CONTENT_TYPE_LATEST)
 
     install_error_handlers(app)
     return app
+
+
+def record_device_memory() -> None:
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            metrics.DEVICE_MEMORY.labels(device=f"cuda:{i}").set(torch.cuda.memory_allocated(i))
 
 
 class ServiceApp(FastAPI):

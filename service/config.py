@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (the container uses 0.0.0.0).")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    workers: int = Field(
+        1, ge=1, le=64,
+        description="Server processes sharing the port, each with its own event loop, GIL and copy of the models "
+                    "(a GPU host wants several: one process keeps a GPU mostly idle); metrics and readiness cover "
+                    "them all; above 1, model load/unload through the control routes is off.")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long to finish queued work before exiting.")
 
@@ -137,9 +142,14 @@ class Settings(BaseSettings):
         return merged | {name: getattr(checked, name) for name in overrides}
 
     @property
+    def cores(self) -> int:
+        """This process's share of the host's cores (all of them with one worker)."""
+        return max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
     def decode_workers(self) -> int:
-        """Threads of the decode pool: ``decode_threads``, or one per core (at least 2)."""
-        return self.decode_threads or max(2, os.cpu_count() or 1)
+        """Threads of the decode pool: ``decode_threads``, or one per core of this process's share (at least 2)."""
+        return self.decode_threads or max(2, self.cores)
 
     def wanted_models(self) -> list[tuple[str, int | None]]:
         """(name, version or None for the latest) from ``models``, in order, without repeats; empty

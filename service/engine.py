@@ -19,7 +19,7 @@ from PIL import Image
 from igcv2.artifact import MODEL_NAME, ArtifactError, InputSpec, versions
 from service import metrics, oip
 from service.config import Settings
-from service.errors import BadInput, InvalidParameter, NotFound, TooLarge
+from service.errors import BadInput, Conflict, InvalidParameter, NotFound, TooLarge
 from service.imaging import check_media_type, load_image, open_image
 from service.registry import ModelRegistry, ServedModel, State, validate_name
 
@@ -163,6 +163,7 @@ class Engine:
         """Load a model's newest version without a restart. Compilation and warm-up block, so they
         run in a thread while every other model keeps serving; loads of one name run one at a time."""
         validate_name(name)
+        self.require_one_worker()
         if not versions(self.registry.store / name):  # before taking a lock: one lock per stored model at most
             raise NotFound(f"model {name!r} not found in the model store")
         async with self._repository_locks[name]:
@@ -175,11 +176,19 @@ class Engine:
         """Stop serving every version of a model once its queued requests are answered; other
         models and their queues are untouched. Unloading a model that is not loaded is a no-op."""
         validate_name(name)
+        self.require_one_worker()
         if name not in self.registry.names() and not versions(self.registry.store / name):
             raise NotFound(f"unknown model {name!r}: not loaded and not in the model store")
         async with self._repository_locks[name]:
             if name in self.registry.names():
                 await self.registry.unload(name)
+
+    def require_one_worker(self) -> None:
+        """Each worker holds its own models, and a control request reaches only one of them."""
+        if self.settings.workers > 1:
+            raise Conflict(f"model load/unload is off with IGCV2_WORKERS={self.settings.workers}: each worker "
+                           "process holds its own models and this request would change one of them; set "
+                           "IGCV2_MODELS and restart, or run one worker")
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -42,6 +42,12 @@ class NotFound(ServiceError):
     status_code = 404
 
 
+class Conflict(ServiceError):
+    """A request the service's configuration rules out (model control with several workers)."""
+
+    status_code = 409
+
+
 class TooLarge(ServiceError):
     """Body bytes, decoded pixels or image count over the limit."""
 

@@ -121,7 +121,10 @@ def settle_heap() -> None:
 
 def forget_series(served: ServedModel) -> None:
     """Remove a version's gauges once nothing serves it: gone, not 0, since an unloaded version is not
-    one that is not ready (which alerts: IGCV2ModelNotReady)."""
+    one that is not ready (which alerts: IGCV2ModelNotReady). With several workers a series cannot be
+    removed; a worker's go when it exits (the supervisor marks it dead)."""
+    if metrics.MULTIPROCESS:
+        return
     for gauge in (metrics.MODEL_READY, metrics.QUEUE_DEPTH, metrics.QUEUE_CAPACITY):
         with contextlib.suppress(KeyError):
             gauge.remove(served.name, str(served.version))

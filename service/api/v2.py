@@ -17,10 +17,11 @@ from fastapi.responses import Response
 
 from igcv2.artifact import VERSION_TEXT
 from service import oip
+from service.api.health import waiting_for
 from service.api.schemas import ERROR_RESPONSES, RequestTimeout
 from service.engine import Engine
 from service.errors import BadInput, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable, UnsupportedMediaType
-from service.registry import ModelRegistry, State
+from service.registry import State
 from service.stats import InferenceStats
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"], responses=ERROR_RESPONSES)
@@ -29,6 +30,7 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "mo
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing API key, or missing admin key when IGCV2_ADMIN_KEY is set"},
     403: {"description": "Wrong admin key"},
+    409: {"description": "Model control is off: the service runs several workers (IGCV2_WORKERS)"},
 }
 TENSOR_SCHEMA = {
     "type": "object", "required": ["name", "shape", "datatype"],
@@ -136,12 +138,10 @@ async def server_live() -> dict:
 @router.api_route("/v2/health/ready", methods=["GET", "HEAD"])
 async def server_ready(request: Request) -> dict:
     """200 once every configured model is loaded and warmed up; 503 (with the reason) before, and while draining."""
-    registry: ModelRegistry = request.app.state.registry
     if request.app.state.draining:
         raise Unavailable("server is shutting down", 1)
-    if not registry.is_ready():
-        waiting = [f"{m.name} v{m.version} {m.state}" for m in registry.all() if m.state is not State.READY]
-        raise Unavailable(f"not ready: {', '.join(waiting) or 'models not loaded yet'}", 5)
+    if waiting := waiting_for(request.app):
+        raise Unavailable(f"not ready: {', '.join(waiting)}", 5)
     return {"ready": True}
 
 
