@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from e2e.reliability import fast_env
 from live_server import live_server
 from samples import default_model_store, fashion_pngs, multipart
@@ -94,11 +95,13 @@ def prober_loop(url: str, stop: threading.Event, deadline: float, out: list[Outc
             time.sleep(0.01)
 
 
-def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path: Path, workers: str) -> None:
     # Batches wait up to 1 s for company (8 clients never fill 16), so most of the time most
-    # requests sit queued inside the server: exactly the work a careless shutdown would drop.
+    # requests sit queued inside the server: exactly the work a careless shutdown would drop. With
+    # two workers the supervisor passes the signal on and exits 0 once both have drained.
     env = fast_env(default_model_store(tmp_path), max_batch_size="16", max_queue_delay_ms="1000",
-                   max_queue_size="256", shutdown_timeout_s="20")
+                   max_queue_size="256", shutdown_timeout_s="20", workers=workers)
     image = fashion_pngs(1)[0]
     outcomes: list[Outcome] = []
     probes: list[Outcome] = []
@@ -156,7 +159,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path:
     late = [o for o in probes if o.status == 200 and o.started > signalled + MARGIN_S]
     assert not late, f"answered 200 to requests that arrived after SIGTERM: {late[:3]}"
 
-    assert "shutdown complete" in log
+    assert log.count("igcv2.app: shutdown complete") == int(workers), log[-3000:]
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
     print(f"{len(outcomes)} requests: {len(accepted)} accepted before SIGTERM, {len(in_flight)} of them in flight "
           f"and answered 200; {len(refused)} probes refused 503 while draining, "

@@ -101,7 +101,7 @@ def test_the_gil_switch_interval_is_set_before_serving(monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IGCV2_MODEL_STORE", str(tmp_path))
     monkeypatch.setenv("IGCV2_GIL_SWITCH_INTERVAL_MS", "2.5")
-    monkeypatch.setattr(entry.Server, "run", lambda self: seen.append(sys.getswitchinterval()))
+    monkeypatch.setattr(entry.Server, "run", lambda self, sockets=None: seen.append(sys.getswitchinterval()))
     original = sys.getswitchinterval()
     try:
         assert main([]) == 0
