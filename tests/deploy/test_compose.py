@@ -178,6 +178,13 @@ def test_gpu_image_uses_a_cuda_torch_and_cpu_image_the_cpu_one():
     assert services(CPU)[SERVICE]["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
 
 
+def test_a_gpu_host_runs_several_workers_and_a_cpu_host_one():
+    """One process leaves a GPU mostly idle (benchmarks/RESULTS.md); on a CPU the model takes the cores."""
+    for name, svc in igcv2_services(MULTI_GPU).items():
+        assert int(container_env(svc)[env_name("workers")]) > 1, name
+    assert env_name("workers") not in container_env(services(CPU)[SERVICE])
+
+
 def test_cpu_variant_needs_no_gpu():
     for name, svc in services(CPU).items():
         assert not gpu_devices(svc), f"{name} reserves a GPU in the CPU variant"
@@ -190,7 +197,8 @@ DIFFERS_BY_DESIGN = {"image", "build", "deploy", "ports"}
 
 def comparable(service: dict[str, Any]) -> dict[str, Any]:
     kept = {k: v for k, v in service.items() if k not in DIFFERS_BY_DESIGN}
-    kept["environment"] = {k: v for k, v in container_env(service).items() if k != env_name("device")}
+    by_design = {env_name("device"), env_name("workers")}  # one process per CPU host, several per GPU
+    kept["environment"] = {k: v for k, v in container_env(service).items() if k not in by_design}
     return kept
 
 
