@@ -142,14 +142,15 @@ class Supervisor:
         clear(self.run_dir)
         s = self.settings
         try:
-            sock = socket.create_server((s.host, s.port), backlog=2048)
+            family = socket.AF_INET6 if ":" in s.host else socket.AF_INET  # as uvicorn binds
+            sock = socket.create_server((s.host, s.port), family=family, backlog=2048)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", s.host, s.port, exc)
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         log.info("listening on http://%s:%d with %d workers (pid %d; run folder %s)",
-                 s.host, s.port, s.workers, os.getpid(), self.run_dir)
+                 s.host, sock.getsockname()[1], s.workers, os.getpid(), self.run_dir)
         env = {**os.environ, RUN_DIR: str(self.run_dir)}
         try:
             for index in range(s.workers):
