@@ -24,7 +24,7 @@ from service.config import Settings, env_name
 from service.http_protocol import bounded_http
 from service.registry import ModelRegistry
 from service.runtime import configure_cpu_threads
-from service.workers import RUN_DIR, Supervisor, WorkerSet, follow_parent
+from service.workers import RUN_DIR, Supervisor, Worker, follow_parent
 
 
 class Server(uvicorn.Server):
@@ -81,17 +81,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: Settings, worker: str | None) -> int:
     """Run one server: alone on its own socket, or as worker ``INDEX:SOCKET_FD:SUPERVISOR_PID``."""
-    sockets, workers = None, None
+    sockets, me = None, None
     if worker:
         index, fd, supervisor = map(int, worker.split(":"))
         follow_parent(supervisor)
         sockets = [socket.socket(fileno=fd)]
-        workers = WorkerSet(Path(os.environ[RUN_DIR]), index, settings.workers)
+        me = Worker(index, supervisor, Path(os.environ[RUN_DIR]))
     configure_cpu_threads(settings.cpu_threads, settings.cores)
     # A compiled forward releases and retakes the GIL dozens of times; each time the busy event loop may
     # keep it for a whole switch interval. CPython's 5 ms cost 28% of saturation (benchmarks/RESULTS.md).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
-    app = create_app(settings, workers)
+    app = create_app(settings, me)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop",
         http=bounded_http(settings.max_header_bytes, settings.header_timeout_s),

@@ -24,29 +24,29 @@ from service.config import Settings
 from service.engine import Engine
 from service.errors import ServiceError
 from service.registry import ModelRegistry
-from service.workers import WorkerSet, metrics_registry
+from service.workers import Worker, metrics_registry
 
 log = logging.getLogger("igcv2.app")
 
 
-def create_app(settings: Settings | None = None, workers: WorkerSet | None = None) -> FastAPI:
-    """The service; ``workers``: this process is one of several on one port (service/workers.py)."""
+def create_app(settings: Settings | None = None, worker: Worker | None = None) -> FastAPI:
+    """The service; ``worker``: this process is one of several on one port (service/workers.py)."""
     settings = settings or Settings()
     registry = ModelRegistry(settings)
     engine = Engine(settings, registry)
 
     def load(loop: asyncio.AbstractEventLoop) -> None:
-        if workers:
-            workers.announce(ready=False)
         registry.load_configured(loop)
         record_device_memory()  # after warm-up, so each worker's share is there before any scrape of it
-        if workers:
-            workers.announce(ready=registry.is_ready())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(target=load, args=(asyncio.get_running_loop(),), name="model-loader", daemon=True)
         loader.start()
+        # A worker accepts nothing until its models are warm: uvicorn listens once this startup ends, and
+        # meanwhile the other workers take the connections (or, at the first start, they wait in the backlog).
+        while worker and loader.is_alive() and not app.state.draining:
+            await asyncio.sleep(0.05)
         forced = True  # left by a cancellation (a forced exit) or an error in-process: stop now, drain nothing
         try:
             yield
@@ -77,8 +77,7 @@ def create_app(settings: Settings | None = None, workers: WorkerSet | None = Non
         redirect_slashes=False,  # an API: "/models/" is a 404 like any unknown path, not a redirect to "/models"
     )
     app.state.settings, app.state.registry, app.state.engine, app.state.draining = settings, registry, engine, False
-    app.state.workers = workers
-    scraped = metrics_registry(workers) if workers else REGISTRY
+    scraped = metrics_registry(worker) if worker else REGISTRY
     for router in (classify.router, models.router, health.router, v2.router):
         app.include_router(router)
 

@@ -1,14 +1,14 @@
 """Several server processes on one port (``IGCV2_WORKERS`` > 1).
 
 One Python process is one GIL: HTTP parsing, multipart, decoding and the inference thread's own
-Python take turns on it, which leaves a GPU mostly idle (benchmarks/RESULTS.md: 1-45% busy with one
+Python take turns on it, which leaves a GPU mostly idle (benchmarks/RESULTS.md: 3-32% busy with one
 process on an H200). The supervisor binds the port once and starts that many copies of the service
-on the shared socket; the kernel hands each new connection to whichever worker accepts it first.
+on the shared socket; the kernel hands each new connection to a worker that is accepting.
 
-Every worker loads, compiles and batches its own models. What they share is kept in a run folder:
-Prometheus' multiprocess files (so one scrape of any worker sums them all) and one state file per
-worker (``worker-<index>``: its pid and whether its models are ready), from which readiness waits
-for every worker and the process metrics add up every live worker.
+Every worker loads, compiles and warms up its models *before* it accepts a connection, so whatever
+answers is ready to serve, at the first start and when a dead worker is replaced while the others
+serve. The workers' Prometheus values live in files in a private run folder (prometheus_client's
+multiprocess mode), so a scrape of any worker reports them all.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, multiprocess
@@ -39,79 +40,61 @@ RUN_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it: metrics go t
 PR_SET_PDEATHSIG = 1
 RESTART_DELAY_S = (1.0, 60.0)  # after a worker dies: first delay, doubled while it keeps dying young
 YOUNG_S = 60.0  # a worker that lived less than this is failing to start, not a one-off crash
+GIVE_UP_AFTER = 5  # young deaths of one worker in a row: stop, so the orchestrator sees a failed service
 
 
-def alive(pid: int) -> bool:
+@dataclass(frozen=True)
+class Worker:
+    """This process is worker ``index`` of the supervisor ``supervisor``."""
+
+    index: int
+    supervisor: int
+    run_dir: Path
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state first), or None once it is gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
-class WorkerSet:
-    """One worker's view of all of them, through their state files in the run folder."""
+class ServiceProcesses(Collector):
+    """Memory and CPU of the supervisor and all its workers, where one process would report its own
+    (``process_resident_memory_bytes``, ``process_cpu_seconds_total``: the dashboard's panels).
 
-    def __init__(self, run_dir: Path, index: int, count: int) -> None:
-        self.run_dir, self.index, self.count = run_dir, index, count
+    CPU includes the workers that have died (the supervisor's reaped children), so the counter never
+    goes back when one is replaced."""
 
-    def _state_file(self, index: int) -> Path:
-        return self.run_dir / f"worker-{index}"
-
-    def announce(self, ready: bool) -> None:
-        """Record this worker's pid and readiness (atomically: readers never see half a file)."""
-        tmp = self.run_dir / f".worker-{self.index}.{os.getpid()}"
-        tmp.write_text(f"{os.getpid()} {'ready' if ready else 'starting'}\n")
-        tmp.replace(self._state_file(self.index))
-
-    def _states(self) -> Iterator[tuple[int, int | None, bool]]:
-        """(index, live pid or None, ready) for every worker."""
-        for index in range(self.count):
-            try:
-                pid_text, state = self._state_file(index).read_text().split()
-                pid = int(pid_text)
-            except (OSError, ValueError):
-                yield index, None, False
-                continue
-            yield (index, pid, state == "ready") if alive(pid) else (index, None, False)
-
-    def waiting(self) -> list[str]:
-        """The other workers readiness still waits for, as ``worker N starting``."""
-        return [f"worker {index} {'starting' if pid else 'not running'}"
-                for index, pid, ready in self._states() if index != self.index and not ready]
-
-    def pids(self) -> list[int]:
-        return [pid for _, pid, _ in self._states() if pid is not None]
-
-
-class WorkerProcesses(Collector):
-    """The memory and CPU of every live worker, summed, where one process would report its own
-    (``process_resident_memory_bytes``, ``process_cpu_seconds_total``: the dashboard's panels)."""
-
-    def __init__(self, workers: WorkerSet) -> None:
-        self.workers = workers
+    def __init__(self, supervisor: int) -> None:
+        self.supervisor = supervisor
         self.tick, self.page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
 
     def collect(self) -> Iterator[Metric]:
         rss = cpu = 0.0
-        for pid in self.workers.pids():
-            try:  # fields after the command name: state, ..., utime (12th), stime (13th), ..., rss (22nd)
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # gone since its state file was read, or no /proc
+        try:
+            children = Path(f"/proc/{self.supervisor}/task/{self.supervisor}/children").read_text().split()
+        except OSError:
+            children = []
+        for pid in [self.supervisor, *map(int, children)]:
+            fields = proc_stat(pid)
+            if fields is None:
                 continue
-            cpu += (int(fields[11]) + int(fields[12])) / self.tick
+            # utime, stime (12th, 13th after the name); the supervisor's reaped children's (14th, 15th)
+            cpu += sum(int(f) for f in fields[11:15 if pid == self.supervisor else 13]) / self.tick
             rss += int(fields[21]) * self.page
-        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of every worker, summed.", rss)
-        yield CounterMetricFamily("process_cpu_seconds", "CPU time of every live worker, summed.", cpu)
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the supervisor and its "
+                                "workers, summed.", rss)
+        yield CounterMetricFamily("process_cpu_seconds", "CPU time of the supervisor and its workers, the "
+                                  "dead ones included.", cpu)
 
 
-def metrics_registry(workers: WorkerSet) -> CollectorRegistry:
+def metrics_registry(worker: Worker) -> CollectorRegistry:
     """What a scrape of any worker answers: every worker's metrics, from the run folder's files."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, str(workers.run_dir))
-    registry.register(WorkerProcesses(workers))
+    multiprocess.MultiProcessCollector(registry, str(worker.run_dir))
+    registry.register(ServiceProcesses(worker.supervisor))
     return registry
 
 
@@ -127,25 +110,26 @@ def follow_parent(parent: int) -> None:
 
 class Supervisor:
     """Start ``settings.workers`` workers on one listening socket, restart any that dies, and on
-    SIGTERM/SIGINT pass SIGTERM on, wait for every worker to drain, and exit 0 if all did."""
+    SIGTERM/SIGINT close the port, pass SIGTERM on, and exit 0 once every worker has drained."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stopping = threading.Event()
         self.children: dict[int, tuple[subprocess.Popen, float]] = {}  # index -> (process, started)
         self.restart_at: dict[int, float] = {}
-        self.delay: dict[int, float] = {}
-        given = os.environ.get(RUN_DIR)  # an operator's own folder is emptied, not removed
-        self.run_dir, self.own_dir = Path(given or tempfile.mkdtemp(prefix="igcv2-workers-")), not given
+        self.young_deaths: dict[int, int] = {}
+        self.failed = False
+        # Private (0700, new): nobody else's files are summed, and nothing of ours is left to clear.
+        self.run_dir = Path(tempfile.mkdtemp(prefix="igcv2-workers-"))
 
     def run(self) -> int:
-        clear(self.run_dir)
         s = self.settings
         try:
             family = socket.AF_INET6 if ":" in s.host else socket.AF_INET  # as uvicorn binds
             sock = socket.create_server((s.host, s.port), family=family, backlog=2048)
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", s.host, s.port, exc)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
@@ -157,11 +141,11 @@ class Supervisor:
                 self.spawn(index, sock, env)
             while not self.stopping.wait(0.2):
                 self.tend(sock, env)
+            sock.close()  # new connections are refused at once, not queued for workers that are leaving
             return self.stop()
         finally:
             sock.close()
-            if self.own_dir:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def spawn(self, index: int, sock: socket.socket, env: dict[str, str]) -> None:
         command = [sys.executable, "-m", "service", "--worker", f"{index}:{sock.fileno()}:{os.getpid()}"]
@@ -170,7 +154,8 @@ class Supervisor:
         log.info("worker %d started (pid %d)", index, process.pid)
 
     def tend(self, sock: socket.socket, env: dict[str, str]) -> None:
-        """Restart dead workers: at once after a crash, later and later while one dies young."""
+        """Restart dead workers: at once after a crash, later and later while one dies young, and
+        give up (exit 1) when one keeps dying young."""
         now = time.monotonic()
         for index, (process, started) in list(self.children.items()):
             if index in self.restart_at:
@@ -182,9 +167,17 @@ class Supervisor:
             if code is None:
                 continue
             multiprocess.mark_process_dead(process.pid, str(self.run_dir))  # live gauges go; counters stay
+            young = now - started < YOUNG_S
+            self.young_deaths[index] = self.young_deaths.get(index, 0) + 1 if young else 0
+            if self.young_deaths[index] >= GIVE_UP_AFTER:
+                log.error("worker %d (pid %d) exited with %s, %d times in a row within %.0fs of its start: "
+                          "stopping the service", index, process.pid, code, GIVE_UP_AFTER, YOUNG_S)
+                self.failed = True
+                self.stopping.set()
+                return
             lo, hi = RESTART_DELAY_S
-            delay = min(hi, self.delay.get(index, lo / 2) * 2) if now - started < YOUNG_S else lo
-            self.delay[index], self.restart_at[index] = delay, now + delay
+            delay = min(hi, lo * 2 ** max(0, self.young_deaths[index] - 1))
+            self.restart_at[index] = now + delay
             log.error("worker %d (pid %d) exited with %s after %.0fs; restarting it in %.0fs",
                       index, process.pid, code, now - started, delay)
 
@@ -192,29 +185,22 @@ class Supervisor:
         """SIGTERM to every worker; each drains within the shutdown timeout (its own bound)."""
         running = [p for index, (p, _) in self.children.items() if index not in self.restart_at]
         log.info("stopping: SIGTERM to %d workers", len(running))
+        signalled = {p.pid for p in running if p.poll() is None}
         for process in running:
-            if process.poll() is None:
+            if process.pid in signalled:
                 process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_timeout_s + 30
-        codes = []
+        failed = []
         for process in running:
             try:
-                codes.append(process.wait(max(0.0, deadline - time.monotonic())))
+                code = process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error("worker pid %d did not exit in time: killed", process.pid)
                 process.kill()
-                codes.append(process.wait())
-        for process in running:
-            multiprocess.mark_process_dead(process.pid, str(self.run_dir))
-        failed = [(p.pid, c) for p, c in zip(running, codes, strict=True) if c != 0]
+                code = process.wait()
+            # A worker still starting has no handler yet: SIGTERM ends it at once, as asked.
+            if code != 0 and not (code == -signal.SIGTERM and process.pid in signalled):
+                failed.append((process.pid, code))
         if failed:
             log.error("workers that did not exit cleanly (pid, code): %s", failed)
-        return 1 if failed else 0
-
-
-def clear(run_dir: Path) -> None:
-    """Empty a reused run folder: stale metrics would be summed, stale state files read."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for path in run_dir.iterdir():
-        if path.suffix == ".db" or path.name.startswith(("worker-", ".worker-")):
-            path.unlink(missing_ok=True)
+        return 1 if failed or self.failed else 0

@@ -50,9 +50,10 @@ class LiveServer:
 
 @contextmanager
 def live_server(
-    tmp_path: Path, env: dict[str, str] | None = None, ready: bool = True, timeout: float = 300.0
+    tmp_path: Path, env: dict[str, str] | None = None, ready: bool | None = True, timeout: float = 300.0
 ) -> Iterator[LiveServer]:
-    """Run the service until the block ends. ``ready``: wait for /health/ready (else /health/live)."""
+    """Run the service until the block ends. ``ready``: wait for /health/ready (False: /health/live;
+    None: wait for nothing)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -71,7 +72,8 @@ def live_server(
         )
     server = LiveServer(f"http://127.0.0.1:{port}", process, log_path)
     try:
-        _wait(server, "/health/ready" if ready else "/health/live", timeout)
+        if ready is not None:
+            _wait(server, "/health/ready" if ready else "/health/live", timeout)
         yield server
     finally:
         server.stop()

@@ -1,24 +1,14 @@
-"""Liveness (the process answers) and readiness (every configured model loaded and warmed up, in
-every worker when there are several)."""
+"""Liveness (the process answers) and readiness (every configured model loaded and warmed up)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api.schemas import Health
-from service.registry import ModelRegistry, State
+from service.registry import ModelRegistry
 
 router = APIRouter(tags=["health"])
-
-
-def waiting_for(app: FastAPI) -> list[str]:
-    """What readiness still waits for (empty: ready): this worker's models, then the other workers."""
-    registry: ModelRegistry = app.state.registry
-    waiting = [] if registry.is_ready() else (
-        [f"{m.name} v{m.version} {m.state}" for m in registry.all() if m.state is not State.READY]
-        or ["models not loaded yet"])
-    return waiting + (app.state.workers.waiting() if app.state.workers else [])
 
 
 @router.api_route("/health/live", methods=["GET", "HEAD"], response_model=Health)
@@ -31,11 +21,11 @@ async def live() -> dict:
 async def ready(request: Request) -> JSONResponse:
     registry: ModelRegistry = request.app.state.registry
     models = [{"name": m.name, "version": m.version, "state": str(m.state), "reason": m.reason} for m in registry.all()]
-    waiting = waiting_for(request.app)
-    if not waiting and not request.app.state.draining:
+    if registry.is_ready() and not request.app.state.draining:
         return JSONResponse({"status": "ready", "models": models})
+    waiting = [f"{m['name']} v{m['version']} {m['state']}" for m in models if m["state"] != "ready"]
     status = "draining" if request.app.state.draining else "not ready"
     return JSONResponse(
-        {"error": f"{status}: {', '.join(waiting) or 'shutting down'}", "models": models}, status_code=503,
+        {"error": f"{status}: {', '.join(waiting) or 'models not loaded yet'}", "models": models}, status_code=503,
         headers={"Retry-After": "1" if request.app.state.draining else "5"},
     )

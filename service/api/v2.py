@@ -17,11 +17,10 @@ from fastapi.responses import Response
 
 from igcv2.artifact import VERSION_TEXT
 from service import oip
-from service.api.health import waiting_for
 from service.api.schemas import ERROR_RESPONSES, RequestTimeout
 from service.engine import Engine
 from service.errors import BadInput, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable, UnsupportedMediaType
-from service.registry import State
+from service.registry import ModelRegistry, State
 from service.stats import InferenceStats
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"], responses=ERROR_RESPONSES)
@@ -138,10 +137,12 @@ async def server_live() -> dict:
 @router.api_route("/v2/health/ready", methods=["GET", "HEAD"])
 async def server_ready(request: Request) -> dict:
     """200 once every configured model is loaded and warmed up; 503 (with the reason) before, and while draining."""
+    registry: ModelRegistry = request.app.state.registry
     if request.app.state.draining:
         raise Unavailable("server is shutting down", 1)
-    if waiting := waiting_for(request.app):
-        raise Unavailable(f"not ready: {', '.join(waiting)}", 5)
+    if not registry.is_ready():
+        waiting = [f"{m.name} v{m.version} {m.state}" for m in registry.all() if m.state is not State.READY]
+        raise Unavailable(f"not ready: {', '.join(waiting) or 'models not loaded yet'}", 5)
     return {"ready": True}
 
 

@@ -1,10 +1,13 @@
-"""service/workers.py in parts: state files, readiness across workers, summed process metrics, the
-run folder, each worker's share of the cores. The supervisor itself runs in tests/e2e/test_workers.py."""
+"""service/workers.py in parts: summed process metrics, the supervisor's restarts and stop, the run
+folder, each worker's share of the cores. The real supervisor runs in tests/e2e/test_workers.py."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,65 +21,94 @@ from service.engine import Engine
 from service.errors import Conflict
 from service.registry import ModelRegistry
 from service.runtime import configure_cpu_threads
-from service.workers import WorkerProcesses, WorkerSet, alive, clear
+from service.workers import ServiceProcesses, Supervisor
 
 
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_readiness_waits_for_every_other_worker_to_announce_itself_ready(tmp_path: Path) -> None:
-    me, other = WorkerSet(tmp_path, 0, 3), WorkerSet(tmp_path, 1, 3)
-    assert me.waiting() == ["worker 1 not running", "worker 2 not running"]
-    other.announce(ready=False)  # same pid as this test, which is alive
-    assert me.waiting() == ["worker 1 starting", "worker 2 not running"]
-    other.announce(ready=True)
-    (tmp_path / "worker-2").write_text(f"{os.getpid()} ready\n")
-    assert me.waiting() == []
-    assert other.waiting() == ["worker 0 not running"]  # its own state is not its concern, the others' are
-    assert not list(tmp_path.glob(".worker-*")), "announce leaves no temporary file behind"
-
-
-def test_a_dead_workers_ready_state_counts_for_nothing(tmp_path: Path) -> None:
-    me = WorkerSet(tmp_path, 0, 2)
-    (tmp_path / "worker-1").write_text(f"{dead_pid()} ready\n")
-    assert me.waiting() == ["worker 1 not running"]
-    assert me.pids() == []
-    (tmp_path / "worker-1").write_text("garbage")
-    assert me.waiting() == ["worker 1 not running"]
-    assert alive(os.getpid()) and not alive(dead_pid())
-
-
-def test_process_metrics_add_up_every_live_worker(tmp_path: Path) -> None:
+def test_process_metrics_add_up_the_supervisor_and_its_workers_the_dead_ones_included() -> None:
+    """This test process plays the supervisor: its children are the workers."""
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                               "while time.process_time() - t < 0.5: pass"])
+    before = {m.name: m.samples[0].value for m in ServiceProcesses(os.getpid()).collect()}
+    burner.wait()  # reaped: its CPU moves to this process's children's time, and stays counted
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(60)"])
     try:
-        time.sleep(1.0)  # the child has touched its 64 MiB
-        (tmp_path / "worker-0").write_text(f"{os.getpid()} ready\n")
-        (tmp_path / "worker-1").write_text(f"{sleeper.pid} starting\n")
-        (tmp_path / "worker-2").write_text(f"{dead_pid()} ready\n")
-        workers = WorkerSet(tmp_path, 0, 3)
-        assert sorted(workers.pids()) == sorted([os.getpid(), sleeper.pid])
-        values = {m.name: m.samples[0].value for m in WorkerProcesses(workers).collect()}
-        alone = {m.name: m.samples[0].value for m in WorkerProcesses(WorkerSet(tmp_path, 0, 1)).collect()}
+        time.sleep(1.0)  # the sleeper has touched its 64 MiB
+        after = {m.name: m.samples[0].value for m in ServiceProcesses(os.getpid()).collect()}
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert set(values) == {"process_resident_memory_bytes", "process_cpu_seconds"}
+    assert set(after) == {"process_resident_memory_bytes", "process_cpu_seconds"}
     own_rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    assert alone["process_resident_memory_bytes"] == pytest.approx(own_rss, rel=0.2)
-    assert values["process_resident_memory_bytes"] - alone["process_resident_memory_bytes"] > 64 << 20
-    assert values["process_cpu_seconds"] >= alone["process_cpu_seconds"] > 0
+    assert after["process_resident_memory_bytes"] - own_rss > 64 << 20
+    assert after["process_cpu_seconds"] >= before["process_cpu_seconds"] + 0.4, (before, after)
 
 
-def test_a_reused_run_folder_is_emptied_of_metrics_and_states_only(tmp_path: Path) -> None:
-    for name in ("counter_123.db", "gauge_livesum_9.db", "worker-0", ".worker-1.77", "notes.txt"):
-        (tmp_path / name).write_text("x")
-    clear(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-    clear(tmp_path / "new")
-    assert (tmp_path / "new").is_dir()
+class FakeWorker:
+    """A worker process as the supervisor sees it: a pid, an exit code, what it was sent."""
+
+    def __init__(self, pid: int, code: int | None = None, on_term: int = 0) -> None:
+        self.pid, self.code, self.on_term, self.signals = pid, code, on_term, []
+
+    def poll(self) -> int | None:
+        return self.code
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        self.code = self.on_term
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.code
+
+
+def supervisor(workers: int = 1) -> Supervisor:
+    """A supervisor whose spawned workers are fakes that have already died (exit 1)."""
+    sup, pids = Supervisor(Settings(workers=workers)), itertools.count(1000)
+    sup.spawn = lambda index, sock, env: sup.children.__setitem__(  # type: ignore[method-assign]
+        index, (FakeWorker(next(pids), code=1), time.monotonic()))
+    return sup
+
+
+def test_a_worker_that_keeps_dying_young_is_restarted_later_and_later_then_the_service_stops() -> None:
+    sup = supervisor()
+    sup.children[0] = (FakeWorker(999, code=-9), time.monotonic() - 3600)  # an old worker crashes once
+    sup.tend(None, {})
+    assert sup.restart_at[0] - time.monotonic() == pytest.approx(1.0, abs=0.1) and sup.young_deaths[0] == 0
+    delays = []
+    for _ in range(10):
+        sup.restart_at[0] = 0.0  # due: the next tend respawns it, and the one after finds it dead again
+        sup.tend(None, {})
+        sup.tend(None, {})
+        if sup.stopping.is_set():
+            break
+        delays.append(round(sup.restart_at[0] - time.monotonic()))
+    assert delays == [1, 2, 4, 8]
+    assert sup.stopping.is_set() and sup.failed and 0 not in sup.restart_at
+    assert sup.stop() == 1
+    shutil.rmtree(sup.run_dir)
+
+
+def test_stopping_counts_a_worker_ended_by_its_sigterm_as_clean_and_any_other_failure_not() -> None:
+    sup = supervisor(workers=3)
+    starting, drained, broken = FakeWorker(1, on_term=-signal.SIGTERM), FakeWorker(2), FakeWorker(3, on_term=1)
+    sup.children = {0: (starting, 0.0), 1: (drained, 0.0), 2: (broken, 0.0)}
+    assert sup.stop() == 1
+    assert starting.signals == drained.signals == broken.signals == [signal.SIGTERM]
+    sup.children = {0: (FakeWorker(1, on_term=-signal.SIGTERM), 0.0), 1: (FakeWorker(2), 0.0)}
+    assert sup.stop() == 0
+    dead_before = FakeWorker(4, code=-signal.SIGTERM)  # killed by someone else before the stop: not clean
+    sup.children = {0: (dead_before, 0.0)}
+    assert sup.stop() == 1 and dead_before.signals == []
+    shutil.rmtree(sup.run_dir)
+
+
+def test_the_run_folder_is_private_and_new() -> None:
+    first, second = Supervisor(Settings(workers=2)), Supervisor(Settings(workers=2))
+    try:
+        assert first.run_dir != second.run_dir and not list(first.run_dir.iterdir())
+        assert first.run_dir.stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(first.run_dir)
+        shutil.rmtree(second.run_dir)
 
 
 def test_each_worker_takes_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
