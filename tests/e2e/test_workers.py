@@ -128,7 +128,10 @@ def test_sigterm_while_the_workers_start_exits_0(tmp_path: Path) -> None:
 
 
 def test_the_workers_drain_and_go_when_the_supervisor_is_killed(tmp_path: Path) -> None:
-    with live_server(tmp_path, fast_env(default_model_store(tmp_path), workers="2")) as server:
+    # The run folder goes under TMPDIR: here the test's own, since a killed supervisor cannot remove it.
+    env = {**fast_env(default_model_store(tmp_path), workers="2"), "TMPDIR": str(tmp_path)}
+    with live_server(tmp_path, env) as server:
+        assert f"run folder {tmp_path}/igcv2-workers-" in server.log()
         children = workers_of(server)
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
