@@ -97,8 +97,9 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, ge=1, le=64,
         description="Server processes sharing the port, each with its own event loop, GIL and copy of the models "
-                    "(a GPU host wants several: one process keeps a GPU mostly idle); metrics and readiness cover "
-                    "them all; above 1, model load/unload through the control routes is off.")
+                    "(a GPU host wants several: one process keeps a GPU mostly idle); each accepts connections once "
+                    "its models are warm, metrics cover them all; above 1, model load/unload through the control "
+                    "routes is off.")
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long to finish queued work before exiting.")
 
