@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 8 in one bounded run on a CUDA host (benchmarks/RESULTS.md quotes it).
 #
-#   benchmarks/gpu_check.sh OUT [STAGE...]     stages (default: all, in this order):
+#   benchmarks/gpu_check.sh OUT [STAGE...]     stages (default: info tests compare coldstart serve workers):
 #     info       nvidia-smi, driver, torch, CUDA
 #     compare    python -m benchmarks.gpu compare: floor, compile modes, fp16/bf16, channels_last;
 #                picks the fastest setting with full top-1 agreement for the stages after it
@@ -12,6 +12,10 @@
 #     workers    the batching sweep alone (--mode sweep) for igcv2-fashion and the ImageNet preset at
 #                224x224 with each IGCV2_WORKERS in $FASHION_WORKERS / $IMAGENET_WORKERS (default "1 4 8"):
 #                server processes per GPU
+#     p99        igcv2-fashion at half its saturation with smooth arrivals (32 staggered hey processes,
+#                bursts of a few requests), for each IGCV2_WORKERS in $FASHION_WORKERS: issue 8's p99 target
+#     mps        8 workers with NVIDIA's Multi-Process Service running, so their CUDA contexts share the GPU
+#                side by side instead of time-sliced (compare with the workers stage's w8 runs)
 #
 # Every stage has its own time limit, and OUT/summary.tgz is refreshed after each one, so a run
 # cut short still returns what it measured. Stages may be split over several calls on one host:
@@ -100,6 +104,26 @@ torch.cuda.get_device_name(), platform.python_version())"; nproc; } 2>&1 | tee "
       bench imagenet-224-w$w 110 --mode sweep --model imagenet --photo-size 224x224 --concurrency 16,64,256 \
         --open-loop-rates 0.5 --open-loop-duration 5 --server-env IGCV2_WORKERS=$w
     done
+    ;;
+  p99)
+    for w in ${FASHION_WORKERS:-1 4 8}; do
+      bench fashion-p99-w$w 100 --mode sweep --model fashion --concurrency 64 --open-loop-rates 0.5 \
+        --open-loop-streams 32 --open-loop-interval 0.05 --open-loop-duration 8 --server-env IGCV2_WORKERS=$w
+    done
+    ;;
+  mps)
+    export CUDA_MPS_PIPE_DIRECTORY=$work/mps-pipe CUDA_MPS_LOG_DIRECTORY=$work/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if nvidia-cuda-mps-control -d; then
+      bench imagenet-224-w8-mps 110 --mode sweep --model imagenet --photo-size 224x224 --concurrency 16,64,256 \
+        --open-loop-rates 0.5 --open-loop-duration 5 --server-env IGCV2_WORKERS=8
+      bench fashion-w8-mps 100 --mode sweep --model fashion --concurrency 16,64,256 --open-loop-rates 0.5 \
+        --open-loop-streams 32 --open-loop-interval 0.05 --open-loop-duration 5 --server-env IGCV2_WORKERS=8
+      echo quit | nvidia-cuda-mps-control
+    else
+      echo "MPS did not start: stage skipped"
+    fi
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
     ;;
   *) echo "unknown stage $stage" >&2 ;;
   esac
