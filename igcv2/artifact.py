@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from igcv2.complexity import count_macs, count_params
+from igcv2.names import MODEL_NAME, VERSION_TEXT
 from igcv2.networks import build
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch only: $ also matches before a final \n
-VERSION_TEXT = re.compile(r"[1-9][0-9]{0,17}")  # a version as clients write it: ASCII digits int() takes, no 0
 
 
 class ArtifactError(ValueError):

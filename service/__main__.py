@@ -15,16 +15,16 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.config import Settings, env_name
-from service.http_protocol import bounded_http
-from service.registry import ModelRegistry
-from service.runtime import configure_cpu_threads
 from service.workers import RUN_DIR, Supervisor, Worker, follow_parent
+
+if TYPE_CHECKING:
+    from service.registry import ModelRegistry
 
 
 class Server(uvicorn.Server):
@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(settings: Settings, worker: str | None) -> int:
     """Run one server: alone on its own socket, or as worker ``INDEX:SOCKET_FD:SUPERVISOR_PID``."""
+    # Here, not at the top: a supervisor never needs torch, the models or the app (~300 MB).
+    from service.app import create_app
+    from service.http_protocol import bounded_http
+    from service.runtime import configure_cpu_threads
+
     sockets, me = None, None
     if worker:
         index, fd, supervisor = map(int, worker.split(":"))

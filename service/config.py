@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from igcv2.artifact import MODEL_NAME, VERSION_TEXT
+from igcv2.names import MODEL_NAME, VERSION_TEXT
 
 ENV_PREFIX = "IGCV2_"
 MAX_REQUEST_TIMEOUT_S = 3600  # the longest deadline a request may ask for (X-Request-Timeout, OIP timeout)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from igcv2.artifact import MODEL_NAME, ArtifactError, InputSpec, versions
+from igcv2.artifact import ArtifactError, InputSpec, versions
+from igcv2.names import MODEL_NAME
 from service import metrics, oip
 from service.config import Settings
 from service.errors import BadInput, Conflict, InvalidParameter, NotFound, TooLarge

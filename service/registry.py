@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from igcv2.artifact import MODEL_NAME, ArtifactConfig, ArtifactError, load_artifact, versions
+from igcv2.artifact import ArtifactConfig, ArtifactError, load_artifact, versions
+from igcv2.names import MODEL_NAME
 from service import metrics
 from service.batching import DynamicBatcher, Reservation
 from service.config import Settings

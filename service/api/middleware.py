@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 
 from starlette.routing import Match
 
-from igcv2.artifact import VERSION_TEXT
+from igcv2.names import VERSION_TEXT
 from service import metrics
 from service.batching import DOOR, Reservation
 from service.errors import BodyTimeout, ServiceError, TooLarge, Unavailable

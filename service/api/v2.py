@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
-from igcv2.artifact import VERSION_TEXT
+from igcv2.names import VERSION_TEXT
 from service import oip
 from service.api.schemas import ERROR_RESPONSES, RequestTimeout
 from service.engine import Engine
