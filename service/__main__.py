@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m service", description=__doc__.splitlines()[0], epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:SOCKET_FD:SUPERVISOR_PID, from the supervisor
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:SOCKET_FD:SUPERVISOR_PID:REPLACEMENT
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(settings: Settings, worker: str | None) -> int:
-    """Run one server: alone on its own socket, or as worker ``INDEX:SOCKET_FD:SUPERVISOR_PID``."""
+    """Run one server: alone on its own socket, or as worker ``INDEX:SOCKET_FD:SUPERVISOR_PID:REPLACEMENT``."""
     # Here, not at the top: a supervisor never needs torch, the models or the app (~300 MB).
     from service.app import create_app
     from service.http_protocol import bounded_http
@@ -88,10 +88,10 @@ def serve(settings: Settings, worker: str | None) -> int:
 
     sockets, me = None, None
     if worker:
-        index, fd, supervisor = map(int, worker.split(":"))
+        index, fd, supervisor, replacement = map(int, worker.split(":"))
         follow_parent(supervisor)
         sockets = [socket.socket(fileno=fd)]
-        me = Worker(index, supervisor, Path(os.environ[RUN_DIR]))
+        me = Worker(index, supervisor, Path(os.environ[RUN_DIR]), bool(replacement))
     configure_cpu_threads(settings.cpu_threads, settings.cores)
     # A compiled forward releases and retakes the GIL dozens of times; each time the busy event loop may
     # keep it for a whole switch interval. CPython's 5 ms cost 28% of saturation (benchmarks/RESULTS.md).

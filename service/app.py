@@ -78,6 +78,8 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
     )
     app.state.settings, app.state.registry, app.state.engine, app.state.draining = settings, registry, engine, False
     scraped = metrics_registry(worker) if worker else REGISTRY
+    if worker and worker.replacement:
+        metrics.WORKER_RESTARTS.inc()
     for router in (classify.router, models.router, health.router, v2.router):
         app.include_router(router)
 

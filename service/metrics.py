@@ -77,3 +77,7 @@ REJECTED = Counter(
     "before its body is read counts as many images as requests lately brought.",
     ["model", "version", "reason"],
 )
+WORKER_RESTARTS = Counter(
+    "igcv2_worker_restarts",
+    "Workers started in place of one that died (IGCV2_WORKERS > 1; always 0 with one process).",
+)

@@ -50,6 +50,7 @@ class Worker:
     index: int
     supervisor: int
     run_dir: Path
+    replacement: bool = False  # started in place of a worker that died
 
 
 def proc_stat(pid: int) -> list[str] | None:
@@ -148,7 +149,9 @@ class Supervisor:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def spawn(self, index: int, sock: socket.socket, env: dict[str, str]) -> None:
-        command = [sys.executable, "-m", "service", "--worker", f"{index}:{sock.fileno()}:{os.getpid()}"]
+        replacement = int(index in self.children)
+        command = [sys.executable, "-m", "service", "--worker",
+                   f"{index}:{sock.fileno()}:{os.getpid()}:{replacement}"]
         process = subprocess.Popen(command, env=env, pass_fds=(sock.fileno(),))
         self.children[index] = (process, time.monotonic())
         log.info("worker %d started (pid %d)", index, process.pid)

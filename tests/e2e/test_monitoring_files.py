@@ -134,6 +134,7 @@ def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None
         _series({**TARGET, **VERSION}, "igcv2_queue_depth", "230x30"),
         _series({**TARGET, **VERSION}, "igcv2_queue_capacity", "256x30"),
         _series({**TARGET, **VERSION, "reason": "queue_full"}, "igcv2_rejected_images_total", "0+60x30"),
+        _series(TARGET, "igcv2_worker_restarts_total", "0x10 1x20"),  # one worker replaced at minute 11
     ]
     fired = {
         "IGCV2ServiceDown": [{"severity": "critical", **TARGET}],
@@ -143,6 +144,7 @@ def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None
         "IGCV2HighClientErrorRatio": [{"severity": "info", **MODEL}],
         "IGCV2QueueNearFull": [{"severity": "warning", **VERSION}],
         "IGCV2ImagesRejected": [{"severity": "warning", **VERSION, "reason": "queue_full"}],
+        "IGCV2WorkerRestarted": [{"severity": "warning", **TARGET}],
     }
     assert set(fired) == {rule["alert"] for rule in alert_rules() if "alert" in rule}, "update this test"
     healthy = [
@@ -157,6 +159,7 @@ def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None
         _series({**TARGET, **VERSION}, "igcv2_queue_depth", "10x30"),
         _series({**TARGET, **VERSION}, "igcv2_queue_capacity", "256x30"),
         _series({**TARGET, **VERSION, "reason": "deadline"}, "igcv2_rejected_images_total", "0+1x30"),
+        _series(TARGET, "igcv2_worker_restarts_total", "0x30"),
     ]
     trickle = [_requests("200", "0+1x30"), _requests("503", "0+1x30"), _requests("400", "0+1x30")]
     tests = {

@@ -56,6 +56,7 @@ def test_two_workers_share_one_port_one_set_of_metrics_and_readiness(tmp_path: P
         for _ in range(5):
             text = fresh(server, "GET", "/metrics").text
             assert samples(text, "igcv2_images_total") == [REQUESTS]
+            assert samples(text, "igcv2_worker_restarts_total") == [0.0]
             assert samples(text, "igcv2_model_ready") == [1.0]
             assert samples(text, "igcv2_queue_capacity") == [2 * 256]  # the two queues' bounds, summed
             rss = samples(text, "process_resident_memory_bytes")[0]
@@ -86,7 +87,9 @@ def test_a_killed_worker_is_replaced_while_the_other_answers_every_request(tmp_p
             assert fresh(server, "GET", "/health/ready").status_code == 200
         now = workers_of(server)
         assert survivor in now and victim not in now and len(now) == 2
-        after = samples(fresh(server, "GET", "/metrics").text, "igcv2_images_total")[0]
+        text = fresh(server, "GET", "/metrics").text
+        after = samples(text, "igcv2_images_total")[0]
+        assert samples(text, "igcv2_worker_restarts_total") == [1.0]
         log = server.log()
     assert list(codes) == [200], f"answers while a worker was replaced: {codes}"
     assert after == before + codes[200], "the dead worker's counts stay counted, every answer is counted"
