@@ -43,7 +43,7 @@ def _ms(values: list[float]) -> dict[str, float]:
 def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: float) -> dict[str, Any]:
     """Ceiling (images/s per bucket, best) and single-image latency for the artifact at ``model_dir``."""
     settings = Settings()
-    configure_cpu_threads(settings.cpu_threads)
+    configure_cpu_threads(settings.cpu_threads, settings.cores)
     artifact = load_artifact(model_dir)
     batching = settings.batching_for(artifact.config.serving)
     options = RuntimeOptions(

@@ -14,7 +14,6 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import threading
 import time
@@ -226,12 +225,12 @@ def own_cuda_graph_trees() -> None:
         cudagraph_trees.local.tree_manager_locks = defaultdict(threading.Lock)
 
 
-def configure_cpu_threads(threads: int, cores: int | None = None) -> None:
-    """Intra-op threads for CPU inference: ``threads``, or one per core (of ``cores``, this process's
-    share; default: all) but one.
+def configure_cpu_threads(threads: int, cores: int) -> None:
+    """Intra-op threads for CPU inference: ``threads``, or one per core of ``cores`` (this process's
+    share of the host's) but one.
 
     The HTTP loop, decoding and the inference thread share one GIL; leaving them a core beats a
     second OpenMP thread that spins between batches (benchmarks/RESULTS.md: +18% saturation
     throughput and a 5x lower p99 at concurrency 32 on 2 cores, same single-image latency).
     """
-    torch.set_num_threads(threads or max(1, (cores or os.cpu_count() or 1) - 1))
+    torch.set_num_threads(threads or max(1, cores - 1))

@@ -82,8 +82,9 @@ class ServiceProcesses(Collector):
             fields = proc_stat(pid)
             if fields is None:
                 continue
-            # utime, stime (12th, 13th after the name); the supervisor's reaped children's (14th, 15th)
-            cpu += sum(int(f) for f in fields[11:15 if pid == self.supervisor else 13]) / self.tick
+            cpu += (int(fields[11]) + int(fields[12])) / self.tick  # utime, stime
+            if pid == self.supervisor:  # cutime, cstime: its reaped children, the workers that died
+                cpu += (int(fields[13]) + int(fields[14])) / self.tick
             rss += int(fields[21]) * self.page
         yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the supervisor and its "
                                 "workers, summed.", rss)

@@ -17,6 +17,8 @@ from e2e.reliability import error_message, fast_env, samples
 from live_server import LiveServer, live_server
 from samples import default_model_store, fashion_pngs, multipart
 
+from service.workers import proc_stat
+
 REQUESTS = 41  # odd: two workers cannot both have served half
 
 
@@ -27,10 +29,8 @@ def workers_of(server: LiveServer) -> list[int]:
 
 def running(pid: int) -> bool:
     """Alive and not a zombie (an orphan's parent may be slow to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def fresh(server: LiveServer, method: str, path: str, **kwargs) -> httpx.Response:
