@@ -6,6 +6,7 @@ Precedence for batching settings, lowest to highest: the defaults below, a model
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,6 +47,11 @@ class Settings(BaseSettings):
     channels_last: bool = Field(
         False, description="channels_last memory format on CUDA (ignored on CPU; slower for IGCV2's group "
                            "convolutions on an H200, benchmarks/RESULTS.md).")
+    cpus: int = Field(
+        0, ge=0, le=4096,
+        description="Cores this server may use, shared out among its workers; the thread pools are sized from it "
+                    "(0: the CPUs it may run on, capped by its cgroup's CPU quota such as docker --cpus; Kubernetes "
+                    "sets it from the pod's CPU request, which nothing in the container can see).")
     cpu_threads: int = Field(0, ge=0, description="Intra-op threads for CPU inference (0: one per core but one).")
     instances: int = Field(1, ge=1, le=16, description="Model instances (inference threads) per model version.")
     gil_switch_interval_ms: float = Field(
@@ -144,8 +150,8 @@ class Settings(BaseSettings):
 
     @property
     def cores(self) -> int:
-        """This process's share of the host's cores (all of them with one worker)."""
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        """This process's share of the server's cores (all of them with one worker)."""
+        return max(1, (self.cpus or usable_cpus()) // self.workers)
 
     @property
     def decode_workers(self) -> int:
@@ -167,6 +173,20 @@ _ServingSection = create_model(
     "ServingSection", **{name: (Settings.model_fields[name].annotation, Settings.model_fields[name])
                          for name in BATCHING_FIELDS},
 )
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on, capped by a cgroup v2 CPU quota (``docker --cpus``, a Kubernetes
+    CPU limit), rounded up: ``os.cpu_count()`` sees neither, and a container on a large host would size
+    its thread pools for cores it may not use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here: affinity alone
+        pass
+    return cpus
 
 
 def env_name(field: str) -> str:

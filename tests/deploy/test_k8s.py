@@ -6,6 +6,7 @@ kind and required fields are checked here, and the KServe container against the 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from pathlib import Path
@@ -203,6 +204,25 @@ def test_every_igcv2_variable_in_the_manifests_is_a_setting():
         if path.is_file():
             unknown = sorted(env_names_in(path) - known)
             assert not unknown, f"{path.relative_to(K8S)} names {unknown}, which are not settings"
+
+
+def serving_container(name: str) -> dict[str, Any]:
+    return kserve("ServingRuntime")["spec"]["containers"][0] if name == "kserve" else server(pod_spec(name))
+
+
+@pytest.mark.parametrize("name", [*(f"overlays/{overlay}" for overlay in OVERLAYS), "kserve"])
+def test_thread_pools_follow_the_pods_cpu_request(name):
+    """No CPU limit, so the container cannot see its request: IGCV2_CPUS carries it in (the kubelet
+    rounds it up to whole cores), or the pools would be sized for every core of the node."""
+    container = serving_container(name)
+    (entry,) = [e for e in container["env"] if e["name"] == env_name("cpus")]
+    ref = entry["valueFrom"]["resourceFieldRef"]
+    assert ref["resource"] == "requests.cpu" and str(ref["divisor"]) == "1"
+    assert ref.get("containerName", container["name"]) == container["name"]
+    request = str(container["resources"]["requests"]["cpu"])
+    cores = math.ceil(int(request[:-1]) / 1000 if request.endswith("m") else float(request))
+    settings = check_settings({env_name("cpus"): str(cores)}, name)
+    assert settings.cores == cores and settings.decode_workers == max(2, cores)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

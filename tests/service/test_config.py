@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from service.config import BATCHING_FIELDS, Settings, env_name
+from service.config import BATCHING_FIELDS, Settings, env_name, usable_cpus
 
 SERVING = {"max_batch_size": 8, "max_queue_delay_ms": 5, "max_queue_size": 100, "request_timeout_s": 2,
            "instances": 2}
@@ -167,6 +168,7 @@ def test_an_empty_key_is_refused_not_taken_as_no_key(monkeypatch: pytest.MonkeyP
     ("IGCV2_LOG_LEVEL", "loud"),
     ("IGCV2_COMPILE", "maybe"),
     ("IGCV2_CPU_THREADS", "-2"),
+    ("IGCV2_CPUS", "-1"),
     ("IGCV2_DEVICE", "gpu"),
     ("IGCV2_DEVICE", "cuda:x"),
 ])
@@ -187,3 +189,26 @@ def test_valid_devices(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
 def test_boolean_spellings(monkeypatch: pytest.MonkeyPatch, value: str, expected: bool) -> None:
     monkeypatch.setenv("IGCV2_COMPILE", value)
     assert settings().compile is expected
+
+
+AFFINITY = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [
+    ("max 100000\n", AFFINITY),  # no quota
+    ("50000 100000\n", 1),  # half a core still gets a thread
+    ("150000 100000\n", min(AFFINITY, 2)),  # docker --cpus 1.5: rounded up
+    ("800000000 100000\n", AFFINITY),  # a quota above the CPUs it may run on
+    ("garbage\n", AFFINITY),
+    (None, AFFINITY),  # cgroup v1, or no CPU controller
+])
+def test_usable_cpus_honour_the_cgroup_quota(tmp_path: Path, cpu_max: str | None, expected: int) -> None:
+    if cpu_max is not None:
+        (tmp_path / "cpu.max").write_text(cpu_max)
+    assert usable_cpus(tmp_path) == expected
+
+
+def test_cores_come_from_cpus_or_what_the_process_may_use() -> None:
+    assert settings(cpus=8, workers=3).cores == 2
+    assert settings(cpus=2, workers=4).cores == 1  # never none
+    assert settings().cores == usable_cpus()

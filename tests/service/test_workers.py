@@ -111,15 +111,15 @@ def test_the_run_folder_is_private_and_new() -> None:
         shutil.rmtree(second.run_dir)
 
 
-def test_each_worker_takes_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert (Settings().cores, Settings().decode_workers) == (16, 16)
-    assert (Settings(workers=4).cores, Settings(workers=4).decode_workers) == (4, 4)
-    assert (Settings(workers=16).cores, Settings(workers=16).decode_workers) == (1, 2)  # decoding keeps 2 threads
-    assert Settings(workers=4, decode_threads=3).decode_workers == 3
+def test_each_worker_takes_its_share_of_the_cores() -> None:
+    assert (Settings(cpus=16).cores, Settings(cpus=16).decode_workers) == (16, 16)
+    assert (Settings(cpus=16, workers=4).cores, Settings(cpus=16, workers=4).decode_workers) == (4, 4)
+    one_each = Settings(cpus=16, workers=16)
+    assert (one_each.cores, one_each.decode_workers) == (1, 2)  # decoding keeps 2 threads
+    assert Settings(cpus=16, workers=4, decode_threads=3).decode_workers == 3
     before = torch.get_num_threads()
     try:
-        configure_cpu_threads(0, Settings(workers=4).cores)
+        configure_cpu_threads(0, Settings(cpus=16, workers=4).cores)
         assert torch.get_num_threads() == 3
         configure_cpu_threads(0, 1)
         assert torch.get_num_threads() == 1
