@@ -24,6 +24,8 @@ from service.errors import BadInput, Conflict, InvalidParameter, NotFound, TooLa
 from service.imaging import check_media_type, load_image, open_image
 from service.registry import ModelRegistry, ServedModel, State, validate_name
 
+DEFAULT_TOP_K = 5
+
 
 @dataclass(frozen=True)
 class Upload:
@@ -86,12 +88,15 @@ class Engine:
         return [next(pooled) if isinstance(p, asyncio.Future) else p for p in parts]
 
     async def classify(
-        self, uploads: list[Upload], model: str | None, version: int | None, top_k: int, timeout_s: float | None
+        self, uploads: list[Upload], model: str | None, version: int | None, top_k: int | None,
+        timeout_s: float | None,
     ) -> dict[str, Any]:
+        """Top-``top_k`` predictions per upload (default: 5, or every class of a smaller model)."""
         arrival = time.monotonic()
         served = self.registry.resolve(model or self.settings.default_model, version)
         self.check_count(len(uploads))
         labels = served.ready_config.labels
+        top_k = min(DEFAULT_TOP_K, len(labels)) if top_k is None else top_k
         if top_k > len(labels):
             raise InvalidParameter(f"top_k={top_k} exceeds the {len(labels)} classes of {served.name}")
         with served.admitted(len(uploads), timeout_s, arrival) as (deadline, room):

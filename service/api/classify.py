@@ -46,7 +46,8 @@ async def classify(
     request: Request,
     model: Annotated[str | None, Query(description="Model name (default: the configured default model).")] = None,
     version: Annotated[int | None, Query(ge=1, description="Model version (default: the highest loaded).")] = None,
-    top_k: Annotated[int, Query(ge=1, le=1000, description="Predictions per image.")] = 5,
+    top_k: Annotated[int | None, Query(
+        ge=1, le=1000, description="Predictions per image (default: 5, or every class of a model with fewer).")] = None,
     x_request_timeout: RequestTimeout = None,
 ) -> dict:
     """Classify one or more images; predictions are sorted by score."""

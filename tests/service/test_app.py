@@ -25,7 +25,8 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from samples import DEFAULT_MODEL, default_model_store, fashion_pngs, multipart
 
-from igcv2.artifact import CONFIG_FILE, WEIGHTS_FILE, versions
+from igcv2.artifact import CONFIG_FILE, WEIGHTS_FILE, save_artifact, versions
+from igcv2.networks import build
 from service.api.middleware import classify_target
 from service.app import create_app
 from service.config import Settings
@@ -427,6 +428,21 @@ def test_ready_is_503_while_a_configured_model_failed(store: Path, tmp_path: Pat
         response = broken_client.post("/classify", files=multipart(fashion_pngs(1)))
         assert_error(response, 503, "not ready", "checksum mismatch")
         assert int(response.headers["retry-after"]) >= 1
+
+
+def test_top_k_defaults_to_every_class_of_a_model_with_fewer_than_five(tmp_path: Path) -> None:
+    name = "three-classes"
+    save_artifact(build("igcv2_fashion", num_classes=3), tmp_path / name, name=name,
+                  architecture={"builder": "igcv2_fashion", "kwargs": {"num_classes": 3}}, labels=["a", "b", "c"],
+                  input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.3], "std": [0.35]}, untrained=True)
+    with TestClient(create_app(app_settings(tmp_path, models=name, default_model=name))) as three:
+        wait_ready(three)
+        response = three.post("/classify", files=multipart(fashion_pngs(2)))
+        assert response.status_code == 200, response.text
+        for result in response.json()["results"]:
+            assert sorted(p["label"] for p in result["predictions"]) == ["a", "b", "c"]
+        assert_error(three.post("/classify", params={"top_k": 4}, files=multipart(fashion_pngs(1))), 422,
+                     "top_k=4 exceeds the 3 classes")
 
 
 # ----- metrics labels -----
