@@ -145,6 +145,7 @@ class ModelRegistry:
         self.device = resolve_device(settings.device)
         self._models: dict[tuple[str, int], ServedModel] = {}
         self._configured: set[tuple[str, int]] = set()
+        self.missing: list[str] = []  # named in IGCV2_MODELS, no version in the store: never ready
         self._pending: set[tuple[str, int]] = set()  # loads through the control route, not yet registered
         self._released: list[ServedModel] = []  # released while a batch was still computing (see still_computing)
         self._lock = threading.Lock()
@@ -171,6 +172,12 @@ class ModelRegistry:
             out[(name, version)] = None  # 'm' and 'm:3', 3 the latest, are one version
         return list(out)
 
+    def missing_models(self) -> list[str]:
+        """Models IGCV2_MODELS names without a version that the store has no version of ('name:3'
+        is configured all the same, and its load fails with the reason)."""
+        return [name for name, version in self.settings.wanted_models()
+                if version is None and not versions(self.store / name)]
+
     def load_configured(self, loop: asyncio.AbstractEventLoop) -> None:
         """Load every configured model version (called once, in a background thread).
 
@@ -179,12 +186,15 @@ class ModelRegistry:
         LOADING while its threads exist, which :meth:`loading` reports and the process abandons, or
         never gets threads, which the process would otherwise wait for at exit."""
         self._loop = loop
-        targets = self.configured_versions()
+        targets, missing = self.configured_versions(), self.missing_models()
+        if self.settings.default_model not in {name for name, _ in targets}:
+            log.warning("the default model %s is not among those configured: requests that name no model get 404",
+                        self.settings.default_model)
         with self._lock:
             if self._closed:
                 self.started = True
                 return
-            self._configured = set(targets)
+            self._configured, self.missing = set(targets), missing
             for name, version in targets:
                 self._models[(name, version)] = ServedModel(name, version, self.store / name / str(version))
         try:
@@ -336,9 +346,15 @@ class ModelRegistry:
             f"{name} v{version}" for name, version in pending]
 
     def is_ready(self) -> bool:
-        return self.started and all(
+        return self.started and not self.missing and all(
             (k in self._models and self._models[k].state is State.READY) for k in self._configured
         )
+
+    def not_ready(self) -> list[str]:
+        """What readiness waits for: versions not ready (``name vN state``) and configured models the
+        store lacks."""
+        return [f"{m.name} v{m.version} {m.state}" for m in self.all() if m.state is not State.READY] + [
+            f"{name} not in the model store" for name in self.missing]
 
     def known_model_label(self, name: str) -> str:
         """A bounded metrics label: the model name if it is loaded, else 'unknown'."""

@@ -23,9 +23,9 @@ async def ready(request: Request) -> JSONResponse:
     models = [{"name": m.name, "version": m.version, "state": str(m.state), "reason": m.reason} for m in registry.all()]
     if registry.is_ready() and not request.app.state.draining:
         return JSONResponse({"status": "ready", "models": models})
-    waiting = [f"{m['name']} v{m['version']} {m['state']}" for m in models if m["state"] != "ready"]
     status = "draining" if request.app.state.draining else "not ready"
+    waiting = ", ".join(registry.not_ready()) or "models not loaded yet"
     return JSONResponse(
-        {"error": f"{status}: {', '.join(waiting) or 'models not loaded yet'}", "models": models}, status_code=503,
+        {"error": f"{status}: {waiting}", "models": models}, status_code=503,
         headers={"Retry-After": "1" if request.app.state.draining else "5"},
     )

@@ -141,8 +141,7 @@ async def server_ready(request: Request) -> dict:
     if request.app.state.draining:
         raise Unavailable("server is shutting down", 1)
     if not registry.is_ready():
-        waiting = [f"{m.name} v{m.version} {m.state}" for m in registry.all() if m.state is not State.READY]
-        raise Unavailable(f"not ready: {', '.join(waiting) or 'models not loaded yet'}", 5)
+        raise Unavailable(f"not ready: {', '.join(registry.not_ready()) or 'models not loaded yet'}", 5)
     return {"ready": True}
 
 

@@ -430,6 +430,19 @@ def test_ready_is_503_while_a_configured_model_failed(store: Path, tmp_path: Pat
         assert int(response.headers["retry-after"]) >= 1
 
 
+def test_ready_is_503_while_a_configured_model_is_not_in_the_store(store: Path) -> None:
+    # A typo in IGCV2_MODELS (the default model is not loaded: its metrics stay the module's app's).
+    settings = app_settings(store, models="igcv2-fashon", default_model="igcv2-fashon")
+    with TestClient(create_app(settings)) as typo_client:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not typo_client.app.state.registry.started:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for path in ("/health/ready", "/v2/health/ready"):
+            assert_error(typo_client.get(path), 503, "not ready: igcv2-fashon not in the model store")
+        assert_error(typo_client.post("/classify", files=multipart(fashion_pngs(1))), 404, "unknown model")
+
+
 def test_top_k_defaults_to_every_class_of_a_model_with_fewer_than_five(tmp_path: Path) -> None:
     name = "three-classes"
     save_artifact(build("igcv2_fashion", num_classes=3), tmp_path / name, name=name,

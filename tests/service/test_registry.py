@@ -216,6 +216,21 @@ def test_ready_when_every_configured_model_is_ready(store: Path) -> None:
     with_registry(store, "good:2", body)
 
 
+@pytest.mark.parametrize("missing", ["noversions", "absent"])
+def test_a_configured_model_missing_from_the_store_keeps_readiness_off(store: Path, missing: str) -> None:
+    async def body(registry: ModelRegistry) -> None:
+        assert registry.started and registry.resolve("good").state is State.READY
+        assert not registry.is_ready(), "ready although a configured model is not in the store"
+        assert registry.not_ready() == [f"{missing} not in the model store"]
+
+    with_registry(store, f"good:2,{missing}", body)
+
+
+def test_serving_everything_ignores_folders_without_versions(store: Path) -> None:
+    registry = ModelRegistry(settings_for(store, ""))
+    assert registry.missing_models() == [] and "noversions" not in dict(registry.configured_versions())
+
+
 def test_serving_section_sets_the_batching(tmp_path: Path) -> None:
     save(tmp_path / "served", seed=10, serving={"max_batch_size": 4, "max_queue_size": 7})
 
