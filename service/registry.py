@@ -317,7 +317,8 @@ class ModelRegistry:
     def resolve(self, name: str, version: int | None = None) -> ServedModel:
         """The version a request addresses: the named one, or the highest ready one."""
         validate_name(name)
-        candidates = sorted((m for (n, _), m in self._models.items() if n == name), key=lambda m: m.version)
+        # Over a copy, taken in one step: a load through the control route inserts from its thread.
+        candidates = sorted((m for (n, _), m in list(self._models.items()) if n == name), key=lambda m: m.version)
         if not candidates:
             raise NotFound(f"unknown model {name!r}; loaded: {', '.join(self.names()) or 'none'}")
         if version is not None:
@@ -332,7 +333,7 @@ class ModelRegistry:
         raise Unavailable(candidates[-1].not_ready_message(), 5)
 
     def names(self) -> list[str]:
-        return sorted({n for n, _ in self._models})
+        return sorted({n for n, _ in list(self._models)})
 
     def all(self) -> list[ServedModel]:
         return [self._models[k] for k in sorted(self._models)]
@@ -358,7 +359,7 @@ class ModelRegistry:
 
     def known_model_label(self, name: str) -> str:
         """A bounded metrics label: the model name if it is loaded, else 'unknown'."""
-        return name if any(n == name for n, _ in self._models) else "unknown"
+        return name if any(n == name for n, _ in list(self._models)) else "unknown"
 
     async def unload(self, name: str, version: int | None = None) -> list[ServedModel]:
         """Stop serving a model (all versions, or one); queued work finishes first."""

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import shutil
+import sys
 import threading
 import time
 import weakref
@@ -532,3 +533,31 @@ def test_loaded_models_are_frozen_out_of_the_garbage_collector_and_an_unload_fre
         assert gc.get_freeze_count() > 0
 
     with_registry(store, "good:2", body)
+
+
+def test_lookups_on_the_loop_survive_a_load_registering_from_its_thread() -> None:
+    """A load through the control route registers its version from a thread while the loop resolves
+    requests: a lookup iterating the live dict raised 'dictionary changed size during iteration'."""
+    registry = ModelRegistry(Settings(_env_file=None, model_store=Path("/nonexistent"), device="cpu"))
+    for i in range(2000):
+        registry._models[(f"m{i}", 1)] = ServedModel(f"m{i}", 1, Path("unused"))
+    stop = time.monotonic() + 0.5
+
+    def register() -> None:
+        i = 0
+        while time.monotonic() < stop:
+            registry._models[(f"new{i}", 1)] = ServedModel(f"new{i}", 1, Path("unused"))
+            i += 1
+
+    thread = threading.Thread(target=register)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, as the service's 0.1 ms does under load
+    thread.start()
+    try:
+        while time.monotonic() < stop:
+            assert "m5" in registry.names() and registry.known_model_label("other") == "unknown"
+            with pytest.raises(Unavailable):  # found, still LOADING
+                registry.resolve("m5")
+    finally:
+        sys.setswitchinterval(interval)
+        thread.join()
