@@ -17,7 +17,7 @@ from samples import fashion_pngs
 from igcv2.artifact import InputSpec
 from igcv2.data import fit_image
 from service.errors import BadInput, ServiceError, TooLarge, UnsupportedMediaType
-from service.imaging import check_media_type, decode_image
+from service.imaging import check_media_type, decode_image, open_image
 
 SIDE = 28
 GRAY = InputSpec(height=SIDE, width=SIDE, channels=1, mean=[0.5], std=[0.5])
@@ -251,14 +251,21 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize(("width", "height", "max_pixels"), [
-    (100_000, 100_000, 10**12),  # Pillow's own bomb limit, whatever ours says
-    (8_000, 8_000, LIMIT),  # under Pillow's limit, over ours
+    (100_000, 100_000, 10**9),  # over twice ours, where Pillow's own check errors instead of warning
+    (8_000, 8_000, LIMIT),
     (40_001, 1_000, LIMIT),
 ])
 def test_declared_dimensions_over_the_limit_are_refused_before_decoding(width: int, height: int,
                                                                          max_pixels: int) -> None:
-    with pytest.raises(TooLarge, match="pixels"):
+    with pytest.raises(TooLarge, match=f"the limit of {max_pixels}"):
         decode_image(png_header_only(width, height), GRAY, max_pixels, "bomb.png")
+
+
+def test_a_limit_above_pillows_default_is_ours_not_pillows() -> None:
+    header = png_header_only(10_000, 9_500)  # 95M pixels: over Pillow's default bomb limit of 89.5M
+    assert open_image(header, GRAY, 100_000_000).size == (10_000, 9_500)
+    with pytest.raises(TooLarge, match="95000000 pixels exceeds the limit of 90000000"):
+        open_image(header, GRAY, 90_000_000)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
