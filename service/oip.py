@@ -4,7 +4,8 @@ Two halves, both free of HTTP (the route hands in body bytes and the value of th
 ``Inference-Header-Content-Length`` header, and gets bytes and a header length back):
 
 * tensors: JSON and binary-extension requests and responses, datatypes, shapes, the
-  length-prefixed ``BYTES`` encoding; every malformed request raises :class:`BadInput` (400);
+  length-prefixed ``BYTES`` encoding; every malformed request raises :class:`BadInput` (400): its
+  header when parsed, a tensor's values when first read (the model reads only its one input's);
 * the model's face: three optional inputs (``image`` UINT8 NHWC as the decoder produces it,
   ``normalized`` FP32 NCHW, ``encoded`` BYTES of PNG/JPEG files), two outputs (``probabilities``,
   ``logits``), Triton's classification extension, and the metadata and configuration documents.
@@ -18,6 +19,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,14 +54,26 @@ PLATFORM = BACKEND = "pytorch"
 
 @dataclass
 class Tensor:
-    """One input tensor: ``data`` has ``shape`` (an object array of ``bytes`` for BYTES)."""
+    """One input tensor as its header declares it; its values stay as sent until ``data`` is read.
+
+    The model's checks (input names, datatypes, shapes, image count) need only the header, so a request
+    they refuse never pays for converting its values: a 28 MiB ``data`` array held the event loop for 2 s.
+    """
 
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: np.ndarray
+    payload: Any = field(repr=False)  # the JSON "data" value, or this tensor's slice of the binary data
     binary: bool = False  # sent through the binary data extension (else as JSON "data")
     parameters: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def data(self) -> np.ndarray:
+        """The values, of ``shape`` (an object array of ``bytes`` for BYTES); 400 when they do not fit it."""
+        where = f"input {self.name!r}"
+        if self.binary:
+            return _from_binary(bytes(self.payload), self.datatype, self.shape, where)
+        return _from_json(self.payload, self.datatype, self.shape, where)
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,7 @@ def parse_request(body: bytes, header_length: str | int | None = None,
                   max_bytes_elements: int | None = None) -> InferRequest:
     """Parse an inference request: JSON only, or JSON followed by binary tensor data.
 
+    Only the headers are checked here; each tensor's values are converted when first read (:class:`Tensor`).
     ``max_bytes_elements`` bounds a BYTES tensor (one encoded image per element) before its elements
     are read: 8 million empty elements fit in 32 MiB and took 3 s of the event loop to read.
     """
@@ -207,35 +222,39 @@ def _parse_input(raw: dict[str, Any], index: int, binary: memoryview,
             raise BadInput(f"{where}: has both 'data' and binary_data_size; send one")
         if size > len(binary):
             raise BadInput(f"{where}: binary_data_size {size} but only {len(binary)} bytes of binary data remain")
-        data = _from_binary(bytes(binary[:size]), datatype, shape, count, where)
-        return Tensor(name, datatype, shape, data, True, parameters), size
+        dtype = DATATYPES[datatype]
+        if dtype is not None and size != count * dtype.itemsize:
+            raise BadInput(f"{where}: {size} bytes of binary data, shape {list(shape)} of {datatype} needs "
+                           f"{count * dtype.itemsize}")
+        return Tensor(name, datatype, shape, binary[:size], True, parameters), size
     if "data" not in raw:
         raise BadInput(f"{where}: no 'data' and no binary_data_size parameter")
-    return Tensor(name, datatype, shape, _from_json(raw["data"], datatype, shape, count, where), False,
-                  parameters), 0
+    return Tensor(name, datatype, shape, raw["data"], False, parameters), 0
 
 
-def _from_binary(raw: bytes, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
+def _from_binary(raw: bytes, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A tensor's binary data; its size was checked against the shape by :func:`_parse_input`."""
     dtype = DATATYPES[datatype]
     if dtype is None:
+        count = math.prod(shape)
         items = deserialize_bytes(raw, where, count)
         if len(items) != count:
             raise BadInput(f"{where}: {len(items)} BYTES elements in the binary data; shape {list(shape)} "
                            f"needs {count}")
         return _object_array(items, shape)
-    if len(raw) != count * dtype.itemsize:
-        raise BadInput(f"{where}: {len(raw)} bytes of binary data, shape {list(shape)} of {datatype} needs "
-                       f"{count * dtype.itemsize}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def _flatten(data: Any, where: str, depth: int = 0) -> list[Any]:
-    """Row-major elements of a flat or nested JSON array (Triton accepts both)."""
+    """Row-major elements of a flat or nested JSON array (Triton accepts both).
+
+    A flat array is told apart in C (``map(type, ...)``: JSON gives exact types), so a wrong element
+    count is refused before any element is looked at in Python."""
     if not isinstance(data, list):
         return [data]
     if depth > MAX_JSON_DEPTH:
         raise BadInput(f"{where}: 'data' is nested deeper than {MAX_JSON_DEPTH} levels")
-    if not any(isinstance(item, list) for item in data):
+    if list not in map(type, data):
         return data
     out: list[Any] = []
     for item in data:
@@ -243,7 +262,9 @@ def _flatten(data: Any, where: str, depth: int = 0) -> list[Any]:
     return out
 
 
-def _from_json(data: Any, datatype: str, shape: tuple[int, ...], count: int, where: str) -> np.ndarray:
+def _from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A tensor's JSON values: the element count first, then each element's type, then the array."""
+    count = math.prod(shape)
     flat = _flatten(data, where)
     if len(flat) != count:
         raise BadInput(f"{where}: {len(flat)} elements in 'data', shape {list(shape)} needs {count}")
@@ -380,7 +401,8 @@ def output_metadata(num_classes: int) -> list[dict[str, Any]]:
 
 
 def model_input(request: InferRequest, spec: InputSpec) -> Tensor:
-    """The request's one image input, checked against the model's layout (400 on any mismatch)."""
+    """The request's one image input, its header checked against the model's layout (400 on any
+    mismatch); its values are not read, so the caller can check the image count before they are."""
     layouts = input_layouts(spec)
     accepted = ", ".join(f"{n!r} ({d} {[-1, *dims]})" for n, (d, dims, _) in layouts.items())
     if len(request.inputs) != 1:
@@ -401,8 +423,6 @@ def model_input(request: InferRequest, spec: InputSpec) -> Tensor:
                            f"got {list(shape)}")
     elif len(shape) != 1 + len(dims) or tuple(shape[1:]) != dims:
         raise BadInput(f"input {tensor.name!r} must have shape {[-1, *dims]} (batch first), got {list(shape)}")
-    if tensor.name == NORMALIZED and not np.isfinite(tensor.data).all():
-        raise BadInput(f"input {NORMALIZED!r} holds NaN or infinite values")
     return tensor
 
 
@@ -411,7 +431,10 @@ def batch_size(tensor: Tensor) -> int:
 
 
 def image_arrays(tensor: Tensor) -> list[np.ndarray]:
-    """One native-endian array per batch element: uint8 (H, W, C) or float32 (C, H, W)."""
+    """One native-endian array per batch element: uint8 (H, W, C) or float32 (C, H, W); 400 for a
+    ``normalized`` value that is NaN or infinite (only binary data can carry one)."""
+    if tensor.name == NORMALIZED and not np.isfinite(tensor.data).all():
+        raise BadInput(f"input {NORMALIZED!r} holds NaN or infinite values")
     native = np.ascontiguousarray(tensor.data, dtype=np.uint8 if tensor.datatype == "UINT8" else np.float32)
     return list(native)
 

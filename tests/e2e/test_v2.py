@@ -227,6 +227,15 @@ def test_protocol_errors(server: LiveServer, client: triton.InferenceServerClien
 
     response = httpx.post(f"{server.url}/v2/models/{DEFAULT_MODEL}/infer", content=b'{"inputs": [', timeout=30)
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+    # The header is checked before the values, which would be refused too (two elements, one a string).
+    refused = {"image": (413, "17 images in one request; the limit is 16"), "bogus": (400, "unknown input 'bogus'")}
+    for name, (status, message) in refused.items():
+        tensor = {"name": name, "datatype": "UINT8", "shape": [17, 28, 28, 1], "data": [0, "not a number"]}
+        response = httpx.post(f"{server.url}/v2/models/{DEFAULT_MODEL}/infer", json={"inputs": [tensor]}, timeout=30)
+        assert response.status_code == status and response.json()["error"].startswith(message), response.text
+    tensor = {"name": "image", "datatype": "UINT8", "shape": [2, 28, 28, 1], "data": [0, "not a number"]}
+    response = httpx.post(f"{server.url}/v2/models/{DEFAULT_MODEL}/infer", json={"inputs": [tensor]}, timeout=30)
+    assert response.status_code == 400 and "2 elements in 'data', shape [2, 28, 28, 1] needs 1568" in response.text
     response = httpx.post(f"{server.url}/v2/models/{DEFAULT_MODEL}/infer", content=b"{}",
                           headers={"Inference-Header-Content-Length": "9"}, timeout=30)
     assert response.status_code == 400 and "Inference-Header-Content-Length" in response.json()["error"]

@@ -4,6 +4,7 @@ point, batches that never mix input kinds, Triton-style statistics, and the admi
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,10 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from igcv2.artifact import InputSpec
+from service import oip
 from service.app import create_app
 from service.batching import DynamicBatcher
 from service.config import Settings
-from service.errors import DeadlineExceeded, TooLarge
+from service.engine import Engine
+from service.errors import BadInput, DeadlineExceeded, TooLarge
 from service.runtime import ModelRunner, RuntimeOptions
 
 
@@ -92,6 +96,31 @@ def test_batches_hold_one_input_kind_and_statistics_count_them() -> None:
     assert inference["compute_infer"]["ns"] >= 4 * 10_000_000  # each request waited for its 10 ms batch
     assert [(b["batch_size"], b["compute_infer"]["count"]) for b in stats["batch_stats"]] == [(3, 1), (5, 1)]
     assert stats["last_inference"] > 0
+
+
+def test_an_over_the_limit_request_is_refused_on_its_header(tmp_path: Path) -> None:
+    """The image count limit (413) and the model's layout (400) are checked before any value is
+    converted: here the values would be refused too (two elements, one a string), so the answer
+    says which check came first. A 28 MiB body of 19132 images held the event loop for 2 s."""
+    spec = InputSpec(height=28, width=28, channels=1, mean=[0.5], std=[0.25])
+    served = SimpleNamespace(name="m", version=1, ready_config=SimpleNamespace(input=spec, labels=list("0123456789")))
+    engine = Engine(Settings(model_store=tmp_path, compile=False), SimpleNamespace(resolve=lambda name, v: served))
+
+    def infer(tensor: dict[str, Any], **extra: Any) -> None:
+        body = json.dumps({"inputs": [{**tensor, "data": [0, "not a number"]}], **extra}).encode()
+        request = oip.parse_request(body, None, engine.settings.max_images_per_request)
+        asyncio.run(engine.infer_oip(request, "m", None, None))
+
+    image = {"name": "image", "datatype": "UINT8", "shape": [19132, 28, 28, 1]}
+    try:
+        with pytest.raises(TooLarge, match="19132 images in one request; the limit is 64"):
+            infer(image)
+        with pytest.raises(BadInput, match="unknown input 'bogus'"):
+            infer({**image, "name": "bogus"})
+        with pytest.raises(BadInput, match="unknown output 'OUTPUT__0'"):
+            infer({**image, "shape": [1, 28, 28, 1]}, outputs=[{"name": "OUTPUT__0"}])
+    finally:
+        engine.close()
 
 
 def call(settings: Settings, requests: list[tuple[str, str, str | None]]) -> list[httpx.Response]:
