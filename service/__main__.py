@@ -99,7 +99,7 @@ def serve(settings: Settings, worker: str | None) -> int:
     app = create_app(settings, me)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop",
-        http=bounded_http(settings.max_header_bytes, settings.header_timeout_s),
+        http=bounded_http(settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s),
         log_level=settings.log_level, access_log=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # int seconds; never round 0.5 down to 0
     )

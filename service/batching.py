@@ -39,7 +39,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from service import metrics
-from service.errors import DeadlineExceeded, TooLarge, Unavailable
+from service.client import Client
+from service.errors import ClientLeft, DeadlineExceeded, TooLarge, Unavailable
 from service.stats import InferenceStats
 
 log = logging.getLogger("igcv2.batching")
@@ -228,10 +229,10 @@ class DynamicBatcher:
         self._reserved += n
         return n
 
-    async def submit(self, images: list[np.ndarray], deadline: float,
-                     reservation: Reservation | None = None) -> list[np.ndarray]:
+    async def submit(self, images: list[np.ndarray], deadline: float, reservation: Reservation | None = None,
+                     client: Client | None = None) -> list[np.ndarray]:
         """Queue ``images`` (into the room ``reservation`` held) and wait for their outputs (one
-        array per image), or raise 503/504."""
+        array per image), or raise 503/504, or 499 once ``client`` has left (its images withdrawn)."""
         if reservation is not None:
             reservation.release()  # and queue them in the same step: no other request runs in between
         self.check_room(len(images))
@@ -242,20 +243,31 @@ class DynamicBatcher:
             if self._waiting and len(self._queue) >= min(self._waiting):
                 self._changed.notify_all()  # not one: it could be an instance waiting for more
         gathered = asyncio.gather(*(item.future for item in items))
+        if client is not None:
+            client.on_leave(gathered.cancel)
         try:
             outputs = await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic()))
         except BaseException as exc:  # CancelledError too: the request is gone either way
             uncomputed = self._withdraw(items)
             if gathered.done() and not gathered.cancelled():
                 gathered.exception()  # retrieved: asyncio would log it as never retrieved
-            if isinstance(exc, asyncio.CancelledError):
+            # Cancelled by the client's leaving (gathered.cancel), not by a cancellation of this task
+            left = client is not None and client.left and not asyncio.current_task().cancelling()
+            if isinstance(exc, asyncio.CancelledError) and not left:
                 raise
             self.stats.record_failure(time.monotonic() - items[0].arrival)
+            if isinstance(exc, asyncio.CancelledError):
+                metrics.REJECTED.labels(**self._labels, reason="client_left").inc(uncomputed)
+                raise ClientLeft(f"the client left before its answer; {uncomputed} of {len(items)} images "
+                                 "never reached the model") from None
             if isinstance(exc, (TimeoutError, DeadlineExceeded)):
                 metrics.REJECTED.labels(**self._labels, reason="deadline").inc(uncomputed)
                 raise DeadlineExceeded(f"deadline passed before the answer; {uncomputed} of {len(items)} images "
                                        "never reached the model") from exc
             raise
+        finally:
+            if client is not None:
+                client.on_leave(None)
         if items:
             batches = {item.computed for item in items if item.computed is not None}
             self.stats.record_success(time.monotonic() - items[0].arrival, max(i.started - i.arrival for i in items),

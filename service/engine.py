@@ -19,6 +19,7 @@ from PIL import Image
 from igcv2.artifact import ArtifactError, InputSpec, versions
 from igcv2.names import MODEL_NAME
 from service import metrics, oip
+from service.client import Client
 from service.config import Settings
 from service.errors import BadInput, Conflict, InvalidParameter, NotFound, TooLarge
 from service.imaging import check_media_type, load_image, open_image
@@ -89,19 +90,19 @@ class Engine:
 
     async def classify(
         self, uploads: list[Upload], model: str | None, version: int | None, top_k: int | None,
-        timeout_s: float | None,
+        timeout_s: float | None, client: Client,
     ) -> dict[str, Any]:
-        """Top-``top_k`` predictions per upload (default: 5, or every class of a smaller model)."""
-        arrival = time.monotonic()
+        """Top-``top_k`` predictions per upload (default: 5, or every class of a smaller model); the
+        deadline runs from the ``client``'s arrival."""
         served = self.registry.resolve(model or self.settings.default_model, version)
         self.check_count(len(uploads))
         labels = served.ready_config.labels
         top_k = min(DEFAULT_TOP_K, len(labels)) if top_k is None else top_k
         if top_k > len(labels):
             raise InvalidParameter(f"top_k={top_k} exceeds the {len(labels)} classes of {served.name}")
-        with served.admitted(len(uploads), timeout_s, arrival) as (deadline, room):
+        with served.admitted(len(uploads), timeout_s, client.arrival) as (deadline, room):
             images = await self.decode(served.ready_config.input, served.name, uploads)
-            logits = await served.infer(images, deadline, room)
+            logits = await served.infer(images, deadline, room, client)
         results = []
         for upload, row in zip(uploads, logits, strict=True):
             probs = softmax(row.astype(np.float64))
@@ -115,25 +116,25 @@ class Engine:
     # ----- Open Inference Protocol (/v2) -----
 
     async def infer_oip(
-        self, request: oip.InferRequest, model: str, version: int | None, timeout_s: float | None
+        self, request: oip.InferRequest, model: str, version: int | None, timeout_s: float | None, client: Client
     ) -> oip.InferResponse:
         """An inference request of the Open Inference Protocol: its images go through the same
         decode pool and dynamic batcher as /classify's (the two routes share batches)."""
-        arrival = time.monotonic()
         timeouts = [t for t in (request.timeout_s, timeout_s) if t is not None]
         served = self.registry.resolve(model, version)
         config = served.ready_config
         tensor = oip.model_input(request, config.input)
         requested = oip.resolve_outputs(request)
         self.check_count(oip.batch_size(tensor))
-        with served.admitted(oip.batch_size(tensor), min(timeouts) if timeouts else None, arrival) as (deadline, room):
+        with served.admitted(oip.batch_size(tensor), min(timeouts) if timeouts else None,
+                             client.arrival) as (deadline, room):
             if tensor.name == oip.ENCODED:
                 files = oip.encoded_images(tensor)
                 uploads = [Upload(f"{oip.ENCODED}[{i}]", None, f) for i, f in enumerate(files)]
                 images = await self.decode(config.input, served.name, uploads)
             else:
                 images = oip.image_arrays(tensor)
-            logits = np.stack(await served.infer(images, deadline, room))
+            logits = np.stack(await served.infer(images, deadline, room, client))
         if not np.isfinite(logits).all():  # only far-out ``normalized`` values get here; JSON cannot carry inf/NaN
             raise BadInput(f"the model's outputs overflow for this input: {oip.NORMALIZED!r} values lie far "
                            "outside the range of a normalised image")

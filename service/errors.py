@@ -48,6 +48,13 @@ class Conflict(ServiceError):
     status_code = 409
 
 
+class ClientLeft(ServiceError):
+    """The client closed its connection before its answer: 499, nginx's "client closed request",
+    which nobody reads but the metrics."""
+
+    status_code = 499
+
+
 class TooLarge(ServiceError):
     """Body bytes, decoded pixels or image count over the limit."""
 

@@ -7,6 +7,12 @@ gets 414 (its request target alone) or 431 as soon as it is (within one read of 
 one not complete ``head_timeout_s`` after its first byte gets 408: each the service's JSON error,
 counted in ``igcv2_requests_total``, the connection then closed. A connection that sends nothing at
 all is closed after the same time, silently.
+
+Each request also gets a :class:`service.client.Client` in its scope: when its head arrived, and a
+call when the connection closes before the answer, which takes its images out of the queue. And a
+body answered before it was read (a 401, a 413, a shed 503), which uvicorn then reads and drops,
+gets ``discard_timeout_s`` in all: a client trickling it byte by byte would otherwise hold the
+connection forever, each byte restarting the keep-alive timer.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import logging
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
+from service.client import SCOPE_KEY, Client
 
 log = logging.getLogger("igcv2.http")
 LINGER_S = 2.0  # after a refusal, how long the rest of what the client sends is read and dropped
@@ -31,22 +38,31 @@ class _HeadRefused(Exception):
 class BoundedHttpTools(HttpToolsProtocol):
     max_head_bytes = 64 * 1024
     head_timeout_s = 30.0
+    discard_timeout_s = 30.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0  # received since the current head began; 0 between requests
         self._in_head = True  # a new connection waits for its first request's head
+        self._chunk = 0  # the size of the read being parsed: a head that starts in it counts it whole
+        self._message_complete = False  # the current request's body is all in
         self._refusal: tuple[int, str] | None = None
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        self._discard_timer: asyncio.TimerHandle | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_discarding()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and (client := cycle.scope.get(SCOPE_KEY)):
+            client.leave()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        self._chunk = len(data)
         if self._in_head:
             self._head_bytes += len(data)  # a chunk that also ends the head counts whole, but is then not checked
         super().data_received(data)
@@ -55,9 +71,11 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if not self._in_head:  # the next request on a kept-alive connection: its head starts now
+        self._message_complete = False
+        self._stop_discarding()
+        if not self._in_head:  # the next request on a kept-alive connection: its head starts in this read
             self._in_head = True
-            self._head_bytes = 0
+            self._head_bytes = self._chunk
             self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
     def on_headers_complete(self) -> None:
@@ -67,7 +85,28 @@ class BoundedHttpTools(HttpToolsProtocol):
         if size > self.max_head_bytes:
             self._refusal = self._too_long(size)
             raise _HeadRefused
+        self.scope[SCOPE_KEY] = Client()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._message_complete = True
+        self._stop_discarding()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._message_complete and not self.transport.is_closing():  # answered before its body was in
+            self._discard_timer = self.loop.call_later(self.discard_timeout_s, self._discarded_too_long)
+
+    def _discarded_too_long(self) -> None:
+        self._discard_timer = None
+        if not self._message_complete:
+            self.transport.close()
+
+    def _stop_discarding(self) -> None:
+        if self._discard_timer is not None:
+            self._discard_timer.cancel()
+            self._discard_timer = None
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parse error, which is how a refusal raised in a callback ends up here."""
@@ -121,7 +160,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def bounded_http(max_head_bytes: int, head_timeout_s: float) -> type[BoundedHttpTools]:
+def bounded_http(max_head_bytes: int, head_timeout_s: float, discard_timeout_s: float) -> type[BoundedHttpTools]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
-    return type("BoundedHttpTools", (BoundedHttpTools,),
-                {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s})
+    return type("BoundedHttpTools", (BoundedHttpTools,), {
+        "max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s, "discard_timeout_s": discard_timeout_s})

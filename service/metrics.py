@@ -73,7 +73,7 @@ DEVICE_MEMORY = Gauge("igcv2_device_memory_bytes", "CUDA memory allocated by the
                       multiprocess_mode="livesum")
 REJECTED = Counter(
     "igcv2_rejected_images",
-    "Images refused or dropped before compute, by reason (queue_full, deadline); a request refused "
+    "Images refused or dropped before compute, by reason (queue_full, deadline, client_left); a request refused "
     "before its body is read counts as many images as requests lately brought.",
     ["model", "version", "reason"],
 )

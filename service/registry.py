@@ -26,6 +26,7 @@ from igcv2.artifact import ArtifactConfig, ArtifactError, load_artifact, version
 from igcv2.names import MODEL_NAME
 from service import metrics
 from service.batching import DynamicBatcher, Reservation
+from service.client import Client
 from service.config import Settings
 from service.errors import InvalidParameter, NotFound, Unavailable
 from service.runtime import ModelRunner, RuntimeOptions, resolve_device
@@ -83,12 +84,13 @@ class ServedModel:
         finally:
             room.release()  # a no-op once the images were queued
 
-    async def infer(self, images: list[np.ndarray], deadline: float,
-                    room: Reservation | None = None) -> list[np.ndarray]:
-        """Logits for each image, through the shared dynamic batcher (into ``room``, from :meth:`admitted`)."""
+    async def infer(self, images: list[np.ndarray], deadline: float, room: Reservation | None = None,
+                    client: Client | None = None) -> list[np.ndarray]:
+        """Logits for each image, through the shared dynamic batcher (into ``room``, from :meth:`admitted`;
+        withdrawn if ``client`` leaves first)."""
         if self.state is not State.READY or self.batcher is None:
             raise Unavailable(self.not_ready_message(), 5)
-        return await self.batcher.submit(images, deadline, room)
+        return await self.batcher.submit(images, deadline, room, client)
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"name": self.name, "version": self.version, "state": str(self.state),

@@ -9,6 +9,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.api.schemas import ERROR_RESPONSES, ClassifyResponse, RequestTimeout
+from service.client import client_of
 from service.engine import Engine, Upload
 from service.errors import BadInput, TooLarge, UnsupportedMediaType
 
@@ -53,4 +54,4 @@ async def classify(
     """Classify one or more images; predictions are sorted by score."""
     engine: Engine = request.app.state.engine
     uploads = await read_uploads(request, engine.settings.max_images_per_request)
-    return await engine.classify(uploads, model, version, top_k, x_request_timeout)
+    return await engine.classify(uploads, model, version, top_k, x_request_timeout, client_of(request.scope))

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from igcv2.names import VERSION_TEXT
 from service import oip
 from service.api.schemas import ERROR_RESPONSES, RequestTimeout
+from service.client import client_of
 from service.engine import Engine
 from service.errors import BadInput, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable, UnsupportedMediaType
 from service.registry import ModelRegistry, State
@@ -202,7 +203,8 @@ async def infer(
     engine = engine_of(request)
     parsed = oip.parse_request(await read_body(request), inference_header_content_length,
                                engine.settings.max_images_per_request)
-    answer = await engine.infer_oip(parsed, name, version_number(request, name), x_request_timeout)
+    answer = await engine.infer_oip(parsed, name, version_number(request, name), x_request_timeout,
+                                    client_of(request.scope))
     body, header_length = oip.encode_response(answer)
     if header_length is None:
         return Response(body, media_type="application/json")

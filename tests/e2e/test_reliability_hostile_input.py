@@ -466,6 +466,67 @@ def test_the_head_limit_applies_to_each_request_on_a_kept_alive_connection(serve
     assert_serving(server)
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole response (head and Content-Length body) from a kept-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+            re.search(rb"content-length: (\d+)", data.lower()).group(1)):  # type: ignore[union-attr]
+        chunk = sock.recv(65536)
+        assert chunk, f"closed mid-answer: {data[:300]!r}"
+        data += chunk
+    return data
+
+
+def test_a_second_head_trickling_in_on_a_kept_alive_connection_gets_408(server: LiveServer) -> None:
+    """The head timer counts the read that starts a kept-alive connection's next head, so a stalled
+    second head is answered 408 like a first one, not closed as a connection that sent nothing."""
+    with connect(server) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(sock).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n")
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert f"not complete after {HEADER_TIMEOUT_S:g} s" in answer.decode()
+
+
+def test_a_refused_body_trickling_in_is_cut_off_after_the_body_timeout(server: LiveServer) -> None:
+    """A body answered before it was read (413 on its Content-Length) is read and dropped by the
+    server; a client trickling it, each byte restarting uvicorn's keep-alive timer, would hold the
+    connection forever: it gets the body timeout in all."""
+    with connect(server) as sock:
+        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode() + PNG[:10])
+        assert read_answer(sock).startswith(b"HTTP/1.1 413")
+        answered = time.monotonic()
+        sock.settimeout(0.4)
+        closed = False
+        while not closed and time.monotonic() - answered < BODY_TIMEOUT_S + 4:
+            try:
+                sock.sendall(b"x")
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                continue
+            except OSError:  # reset: closed while this byte was on its way
+                closed = True
+        assert closed, "the connection stayed open"
+        assert BODY_TIMEOUT_S - 0.5 < time.monotonic() - answered < BODY_TIMEOUT_S + 3
+    assert_serving(server)
+
+
+def test_the_deadline_runs_from_the_head_so_a_slow_upload_counts(server: LiveServer) -> None:
+    """X-Request-Timeout is the client's whole budget: a body that took longer than it to arrive is
+    not computed (504), though each pause stayed under the body timeout."""
+    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nX-Request-Timeout: 1\r\n"
+            f"Content-Length: {len(PNG)}\r\n\r\n").encode()
+    with connect(server) as sock:
+        sock.sendall(head + PNG[:10])
+        time.sleep(1.5)
+        sock.sendall(PNG[10:])
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 504"), answer[:300]
+    assert "1 of 1 images never reached the model" in answer.decode()
+
+
 def stalled_body(content_type: str, body: bytes) -> tuple[bytes, int]:
     """A /classify head promising ``body``, and the part of it sent before the stall."""
     head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"

@@ -23,6 +23,7 @@ costs the server's cores a few percent, not the half core an httpx client would.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter
@@ -31,7 +32,7 @@ from pathlib import Path
 from statistics import median
 
 import httpx
-from e2e.reliability import KeepAliveClient, assert_serving, fast_env, multipart_request, samples
+from e2e.reliability import KeepAliveClient, assert_serving, fast_env, metric, multipart_request, samples
 from live_server import LiveServer, live_server
 from samples import default_model_store, fashion_pngs
 
@@ -230,3 +231,33 @@ def test_overload_keeps_goodput_queue_bound_and_memory(tmp_path: Path) -> None:
     assert len(sampler.depths) >= 10 and max(sampler.depths) <= QUEUE, summary
     assert max(sampler.depths) >= QUEUE - BATCH, f"the queue never filled: {summary}"
     assert rss_after < 1.1 * rss_before and max(sampler.rss) < 1.1 * rss_before, summary
+
+
+def test_requests_whose_clients_left_are_taken_out_of_the_queue(tmp_path: Path) -> None:
+    """Clients that give up (their own timeout) while their images wait: the images leave the queue
+    at once and are never computed, counted as client_left with code 499, and the server serves on.
+    uvicorn does not tell a route its client left; the service's protocol does."""
+    env = fast_env(default_model_store(tmp_path), max_batch_size="8", max_queue_delay_ms="2000")
+    request = multipart_request("/classify", fashion_pngs(2))
+    with live_server(tmp_path, env) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        images_before = metric(server, "igcv2_images_total")
+        answered_499 = metric(server, "igcv2_requests_total", code="499")
+        sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
+        for sock in sockets:
+            sock.sendall(request)  # one batch of 6 images gathers for 2 s (it waits for 8)
+        deadline = time.monotonic() + 1.5
+        while metric(server, "igcv2_queue_depth") < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(server, "igcv2_queue_depth") == 6
+        for sock in sockets:
+            sock.close()
+        deadline = time.monotonic() + 1.5
+        while metric(server, "igcv2_queue_depth") > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(server, "igcv2_queue_depth") == 0, "withdrawn at once, not when the batch would have formed"
+        assert metric(server, "igcv2_rejected_images_total", reason="client_left") == 6
+        assert metric(server, "igcv2_requests_total", code="499") == answered_499 + 3
+        time.sleep(2.5)  # past the batch's gathering time: nothing was computed for the leavers
+        assert metric(server, "igcv2_images_total") == images_before
+        assert_serving(server)

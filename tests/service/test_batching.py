@@ -17,7 +17,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from service.batching import DOOR, DynamicBatcher, Reservation, batch_cuts, fill_waits
-from service.errors import DeadlineExceeded, TooLarge, Unavailable
+from service.client import Client
+from service.errors import ClientLeft, DeadlineExceeded, TooLarge, Unavailable
 
 _names = itertools.count()
 
@@ -557,6 +558,45 @@ def test_a_cancelled_request_takes_its_images_out_of_the_queue() -> None:
         assert await first == [0] and await room == [1, 2, 3]
         await batcher.close(5)
         assert not {41, 42} & model.seen
+
+    run(main)
+
+
+def test_a_request_whose_client_left_is_withdrawn_and_answered_499() -> None:
+    """A client that closes its connection while its images wait: they leave the queue at once, are
+    never computed, and count as client_left; one that left before its images were queued never
+    queues them; the task's own cancellation stays a cancellation."""
+    async def main() -> None:
+        model = Model(gate=threading.Event())
+        batcher, labels = make(model, max_batch_size=8, queue=3)
+        first = asyncio.create_task(classify(batcher, 0))
+        await until(model.started.is_set)
+        client = Client()
+        leaving = asyncio.create_task(batcher.submit([image(41), image(42)], later(), client=client))
+        await until(lambda: batcher.depth == 2)
+        client.leave()
+        with pytest.raises(ClientLeft, match="2 of 2 images never reached the model"):
+            await leaving
+        assert batcher.depth == 0 and metric("igcv2_rejected_images_total", labels, reason="client_left") == 2
+        gone = Client()
+        gone.leave()
+        with pytest.raises(ClientLeft):
+            await batcher.submit([image(43)], later(), client=gone)
+        cancelled_client = Client()
+        cancelled = asyncio.create_task(batcher.submit([image(44)], later(), client=cancelled_client))
+        await until(lambda: batcher.depth == 1)
+        cancelled.cancel()
+        cancelled_client.leave()  # uvicorn's shutdown cancels, and the connection then drops
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        stayed = Client()
+        kept = asyncio.create_task(batcher.submit([image(1)], later(), client=stayed))
+        model.gate.set()  # type: ignore[union-attr]
+        assert await first == [0] and round(float((await kept)[0][0])) == 1
+        stayed.leave()  # after the answer: nothing left to withdraw, nothing raised
+        await batcher.close(5)
+        assert not {41, 42, 43, 44} & model.seen
+        assert metric("igcv2_rejected_images_total", labels, reason="client_left") == 3
 
     run(main)
 

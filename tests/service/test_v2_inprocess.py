@@ -20,6 +20,7 @@ from igcv2.artifact import InputSpec
 from service import oip
 from service.app import create_app
 from service.batching import DynamicBatcher
+from service.client import Client
 from service.config import Settings
 from service.engine import Engine
 from service.errors import BadInput, DeadlineExceeded, TooLarge
@@ -109,7 +110,7 @@ def test_an_over_the_limit_request_is_refused_on_its_header(tmp_path: Path) -> N
     def infer(tensor: dict[str, Any], **extra: Any) -> None:
         body = json.dumps({"inputs": [{**tensor, "data": [0, "not a number"]}], **extra}).encode()
         request = oip.parse_request(body, None, engine.settings.max_images_per_request)
-        asyncio.run(engine.infer_oip(request, "m", None, None))
+        asyncio.run(engine.infer_oip(request, "m", None, None, Client()))
 
     image = {"name": "image", "datatype": "UINT8", "shape": [19132, 28, 28, 1]}
     try:
