@@ -8,7 +8,8 @@ Policy (after Triton / TF Serving, avoiding TorchServe's and LitServe's worker-s
   many and leaves the rest for the next batch (:func:`batch_cuts`), and when a few more images
   would fill the bucket it waits for them, no longer than the padding would cost (:func:`fill_waits`);
 * with ``max_queue_delay_s`` > 0 an instance waits for a fuller batch, but never longer than that
-  delay *measured from the oldest queued image's arrival*;
+  delay *measured from the oldest queued image's arrival*, and not past the point where a queued
+  image's deadline would leave no time to compute it (the largest bucket's time);
 * the queue is bounded in images: a request that does not fit is refused at once (503 with
   Retry-After), nothing blocks; an image whose request deadline has passed is never computed;
 * a batch is one tensor, so one input kind (uint8 images, or the v2 protocol's normalised float
@@ -140,6 +141,7 @@ class DynamicBatcher:
         self.cuts = batch_cuts(bucket_seconds) if bucket_seconds else list(range(max_batch_size + 1))
         self.fill_waits = fill_waits(bucket_seconds, self.cuts) if bucket_seconds else [(0.0, 0)] * len(self.cuts)
         self.max_queue_delay_s = max_queue_delay_s
+        self._longest_call = max(bucket_seconds.values()) if bucket_seconds else 0.0  # the largest bucket's time
         self.max_queue_size = max_queue_size
         self._instances = list(instances)
         self._queue: deque[_Item] = deque()  # guarded by _changed, as are _closed and _in_flight
@@ -238,9 +240,13 @@ class DynamicBatcher:
         self.check_room(len(images))
         items = [_Item(image, deadline) for image in images]
         with self._changed:
+            # An instance gathering a fuller batch (a short queue) plans to wake at _gather_until(); a
+            # deadline that must end the gathering sooner wakes it.
+            urgent = bool(self.max_queue_delay_s and self._waiting and 0 < len(self._queue) < self.max_batch_size
+                          and deadline - self._longest_call < self._gather_until())
             self._queue.extend(items)
             self._depth.set(len(self._queue))
-            if self._waiting and len(self._queue) >= min(self._waiting):
+            if self._waiting and (urgent or len(self._queue) >= min(self._waiting)):
                 self._changed.notify_all()  # not one: it could be an instance waiting for more
         gathered = asyncio.gather(*(item.future for item in items))
         if client is not None:
@@ -324,11 +330,11 @@ class DynamicBatcher:
                 self._wait(1)
             if self.max_queue_delay_s > 0:
                 while self._queue and len(self._queue) < self.max_batch_size and not self._closed:
-                    remaining = self._queue[0].arrival + self.max_queue_delay_s - time.monotonic()
+                    remaining = self._gather_until() - time.monotonic()
                     if remaining <= 0 or not self._wait(self.max_batch_size, remaining):
                         break
             looked = time.monotonic()
-            while self._queue and not self._closed:
+            while self._queue and not self._closed and not self.max_queue_delay_s:  # the delay is the whole wait
                 worth, bucket = self.fill_waits[min(len(self._queue), self.max_batch_size)]
                 remaining = looked + worth - time.monotonic()
                 if remaining <= 0 or not self._wait(bucket, remaining):
@@ -362,6 +368,12 @@ class DynamicBatcher:
         """The batch left the model: its answer is on its way to the loop (not close()'s to give)."""
         with self._changed:
             self._in_flight.pop(id(batch), None)
+
+    def _gather_until(self) -> float:
+        """The end of the wait for a fuller batch: the oldest image's delay, or sooner when a queued
+        image's deadline would pass before a batch started then could be computed."""
+        return min(self._queue[0].arrival + self.max_queue_delay_s,
+                   min(item.deadline for item in self._queue) - self._longest_call)
 
     def _wait(self, depth: int, timeout: float | None = None) -> bool:
         """Wait, holding ``_changed``, until the queue holds ``depth`` images or close(); False on

@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="Largest batch; buckets are 1, 2, 4, ... up to it.")
     max_queue_delay_ms: float = Field(
         0.0, ge=0, le=10_000,
-        description="Longest a queued image waits for companions, from the oldest one's arrival "
+        description="Longest a queued image waits for companions, from the oldest one's arrival, and never so "
+                    "long that a queued request's deadline leaves no time to compute it "
                     "(0: dispatch at once when the worker is idle; batches still form while it is busy).")
     max_queue_size: int = Field(256, ge=1, description="Images queued per model version before new requests get 503.")
     request_timeout_s: float = Field(
