@@ -47,6 +47,8 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         # meanwhile the other workers take the connections (or, at the first start, they wait in the backlog).
         while worker and loader.is_alive() and not app.state.draining:
             await asyncio.sleep(0.05)
+        if worker and not app.state.draining:
+            worker.announce_ready()
         forced = True  # left by a cancellation (a forced exit) or an error in-process: stop now, drain nothing
         try:
             yield

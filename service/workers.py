@@ -13,6 +13,7 @@ multiprocess mode), so a scrape of any worker reports them all.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -39,8 +40,14 @@ log = logging.getLogger("igcv2.workers")
 RUN_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it: metrics go to files in the run folder
 PR_SET_PDEATHSIG = 1
 RESTART_DELAY_S = (1.0, 60.0)  # after a worker dies: first delay, doubled while it keeps dying young
-YOUNG_S = 60.0  # a worker that lived less than this is failing to start, not a one-off crash
+YOUNG_S = 60.0  # a worker that dies before it is ready or this soon after is failing to start, not crashing once
 GIVE_UP_AFTER = 5  # young deaths of one worker in a row: stop, so the orchestrator sees a failed service
+
+
+def ready_marker(run_dir: Path, pid: int) -> Path:
+    """The empty file by which worker ``pid`` tells the supervisor that it has warmed up and now accepts
+    connections. Not ``*.db``: the metrics collector reads only those."""
+    return run_dir / f"ready_{pid}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,30 @@ class Worker:
     run_dir: Path
     replacement: bool = False  # started in place of a worker that died
 
+    def announce_ready(self) -> None:
+        """Its startup is over: from now on a death is a crash, not a failure to start (loading, compiling and
+        warming up can take minutes, so the supervisor cannot tell one from the other by age alone)."""
+        ready_marker(self.run_dir, os.getpid()).touch()
+
+
+@dataclass(frozen=True)
+class Death:
+    """How a worker ended: its exit code, seconds since its start, and since it became ready (None: never)."""
+
+    code: int
+    age_s: float
+    served_s: float | None
+
+    @property
+    def young(self) -> bool:
+        """Failing to start (dying before it was ready, or soon after), not a one-off crash."""
+        return self.served_s is None or self.served_s < YOUNG_S
+
+    def __str__(self) -> str:
+        if self.served_s is None:
+            return f"exited with {self.code} while starting, {self.age_s:.0f}s after its start"
+        return f"exited with {self.code} {self.served_s:.0f}s after it became ready"
+
 
 def proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/<pid>/stat after the command name (state first), or None once it is gone."""
@@ -59,6 +90,18 @@ def proc_stat(pid: int) -> list[str] | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def dying(pid: int) -> bool:
+    """Dead or being killed, though not reapable yet: a worker's threads and memory take up to a second to go
+    after a SIGKILL. Its main thread has exited (a zombie), or a SIGKILL is pending for the process (Linux
+    sets that the moment the signal is sent and clears it only when the process is reaped)."""
+    try:
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+    except OSError:
+        return False
+    return status["State"].startswith("Z") or bool(int(status["ShdPnd"], 16) & 1 << (signal.SIGKILL - 1))
 
 
 class ServiceProcesses(Collector):
@@ -118,6 +161,7 @@ class Supervisor:
         self.settings = settings
         self.stopping = threading.Event()
         self.children: dict[int, tuple[subprocess.Popen, float]] = {}  # index -> (process, started)
+        self.ready_at: dict[int, float] = {}  # index -> when its current process became ready
         self.restart_at: dict[int, float] = {}
         self.young_deaths: dict[int, int] = {}
         self.failed = False
@@ -161,39 +205,61 @@ class Supervisor:
         """Restart dead workers: at once after a crash, later and later while one dies young, and
         give up (exit 1) when one keeps dying young."""
         now = time.monotonic()
-        for index, (process, started) in list(self.children.items()):
+        for index, (process, _) in list(self.children.items()):
             if index in self.restart_at:
                 if now >= self.restart_at[index]:
                     del self.restart_at[index]
                     self.spawn(index, sock, env)
                 continue
-            code = process.poll()
-            if code is None:
+            death = self.reap(index, now)
+            if death is None:
                 continue
-            multiprocess.mark_process_dead(process.pid, str(self.run_dir))  # live gauges go; counters stay
-            young = now - started < YOUNG_S
-            self.young_deaths[index] = self.young_deaths.get(index, 0) + 1 if young else 0
+            self.young_deaths[index] = self.young_deaths.get(index, 0) + 1 if death.young else 0
             if self.young_deaths[index] >= GIVE_UP_AFTER:
-                log.error("worker %d (pid %d) exited with %s, %d times in a row within %.0fs of its start: "
-                          "stopping the service", index, process.pid, code, GIVE_UP_AFTER, YOUNG_S)
+                log.error("worker %d (pid %d) %s: %d deaths in a row before it was ready or within %.0fs of it; "
+                          "stopping the service", index, process.pid, death, GIVE_UP_AFTER, YOUNG_S)
+                del self.children[index]  # reaped, and not to be signalled or reaped again by stop()
                 self.failed = True
                 self.stopping.set()
                 return
             lo, hi = RESTART_DELAY_S
             delay = min(hi, lo * 2 ** max(0, self.young_deaths[index] - 1))
             self.restart_at[index] = now + delay
-            log.error("worker %d (pid %d) exited with %s after %.0fs; restarting it in %.0fs",
-                      index, process.pid, code, now - started, delay)
+            log.error("worker %d (pid %d) %s; restarting it in %.0fs", index, process.pid, death, delay)
+
+    def reap(self, index: int, now: float) -> Death | None:
+        """How worker ``index`` died, its run files then cleared; None while it lives (noting when it is ready)."""
+        process, started = self.children[index]
+        code = process.poll()  # before the marker: a dead worker's marker is final
+        marker = ready_marker(self.run_dir, process.pid)
+        if index not in self.ready_at and marker.exists():
+            self.ready_at[index] = now
+        if code is None:
+            return None
+        multiprocess.mark_process_dead(process.pid, str(self.run_dir))  # live gauges go; counters stay
+        marker.unlink(missing_ok=True)  # its pid may come back as another worker's
+        ready_at = self.ready_at.pop(index, None)
+        return Death(code, now - started, None if ready_at is None else now - ready_at)
 
     def stop(self) -> int:
-        """SIGTERM to every worker; each drains within the shutdown timeout (its own bound)."""
-        running = [p for index, (p, _) in self.children.items() if index not in self.restart_at]
-        log.info("stopping: SIGTERM to %d workers", len(running))
-        signalled = {p.pid for p in running if p.poll() is None}
-        for process in running:
-            if process.pid in signalled:
-                process.send_signal(signal.SIGTERM)
+        """SIGTERM to every live worker; each drains within the shutdown timeout (its own bound). Exit 1 if one
+        did not drain, not for one that died before the stop: that is a crash, logged as such."""
         deadline = time.monotonic() + self.settings.shutdown_timeout_s + 30
+        running: list[subprocess.Popen] = []
+        for index, (process, _) in self.children.items():
+            if index in self.restart_at:  # died earlier, reaped by tend()
+                continue
+            if process.poll() is None and dying(process.pid):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(max(0.0, deadline - time.monotonic()))
+            death = self.reap(index, time.monotonic())
+            if death is None:
+                running.append(process)
+            else:  # since the last tend(): not restarted now
+                log.error("worker %d (pid %d) %s; not restarted: stopping", index, process.pid, death)
+        log.info("stopping: SIGTERM to %d workers", len(running))
+        for process in running:
+            process.send_signal(signal.SIGTERM)
         failed = []
         for process in running:
             try:
@@ -203,7 +269,7 @@ class Supervisor:
                 process.kill()
                 code = process.wait()
             # A worker still starting has no handler yet: SIGTERM ends it at once, as asked.
-            if code != 0 and not (code == -signal.SIGTERM and process.pid in signalled):
+            if code not in (0, -signal.SIGTERM):
                 failed.append((process.pid, code))
         if failed:
             log.error("workers that did not exit cleanly (pid, code): %s", failed)

@@ -1,11 +1,13 @@
 """IGCV2_WORKERS=2 against the real server: two processes on one port and one set of metrics, a killed
 worker replaced while the other answers every request, a port that refuses new connections while the
-workers drain, and no orphan when the supervisor dies. (SIGTERM under load with two workers:
-test_reliability_shutdown.py.)"""
+workers drain, no orphan when the supervisor dies, and a worker's death told apart: while it warms up
+(failing to start), once it serves (a crash), or just before a SIGTERM (not a failed drain). (SIGTERM
+under load with two workers: test_reliability_shutdown.py.)"""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -129,6 +131,44 @@ def test_sigterm_while_the_workers_start_exits_0(tmp_path: Path) -> None:
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(60) == 0, server.log()[-3000:]
         assert "did not exit cleanly" not in server.log()
+
+
+def wait_for(server: LiveServer, pattern: str, count: int = 1, timeout: float = 60) -> list[str]:
+    """The first ``count`` matches of ``pattern`` in the server's log, once there are that many."""
+    deadline = time.monotonic() + timeout
+    while len(found := re.findall(pattern, server.log())) < count:
+        assert time.monotonic() < deadline, f"no {count} x {pattern!r} in the log:\n{server.log()[-3000:]}"
+        time.sleep(0.02)
+    return found[:count]
+
+
+def test_a_worker_killed_while_it_warms_up_is_failing_to_start(tmp_path: Path) -> None:
+    """However long the warm-up took (compiling can take minutes): the supervisor knows it was not ready."""
+    with live_server(tmp_path, fast_env(default_model_store(tmp_path), workers="2"), ready=None) as server:
+        victim = int(wait_for(server, r"worker 0 started \(pid (\d+)\)")[0])
+        os.kill(victim, signal.SIGKILL)  # importing still: seconds before its models are even loaded
+        wait_for(server, rf"worker 0 \(pid {victim}\) exited with -9 while starting, \d+s after its start; "
+                 r"restarting it in 1s")
+        wait_for(server, "Application startup complete", count=2)  # its replacement too
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+def test_a_worker_dead_before_the_sigterm_reached_the_supervisor_is_a_crash_not_a_failed_drain(
+    tmp_path: Path,
+) -> None:
+    with live_server(tmp_path, fast_env(default_model_store(tmp_path), workers="2")) as server:
+        wait_for(server, "Application startup complete", count=2)  # both are ready
+        victim, _ = workers_of(server)
+        server.process.send_signal(signal.SIGSTOP)  # so that it cannot see the death before the SIGTERM
+        try:
+            os.kill(victim, signal.SIGKILL)  # its threads and memory take a while to go: not reapable at once
+            server.process.send_signal(signal.SIGTERM)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert server.process.wait(60) == 0, server.log()[-3000:]
+        log = server.log()
+    assert re.search(rf"\(pid {victim}\) exited with -9 \d+s after it became ready; not restarted", log), log[-3000:]
+    assert "did not exit cleanly" not in log
 
 
 def test_the_workers_drain_and_go_when_the_supervisor_is_killed(tmp_path: Path) -> None:

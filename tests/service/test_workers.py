@@ -21,7 +21,7 @@ from service.engine import Engine
 from service.errors import Conflict
 from service.registry import ModelRegistry
 from service.runtime import configure_cpu_threads
-from service.workers import ServiceProcesses, Supervisor
+from service.workers import GIVE_UP_AFTER, YOUNG_S, ServiceProcesses, Supervisor, dying, ready_marker
 
 
 def test_process_metrics_add_up_the_supervisor_and_its_workers_the_dead_ones_included() -> None:
@@ -60,19 +60,33 @@ class FakeWorker:
         return self.code
 
 
-def supervisor(workers: int = 1) -> Supervisor:
-    """A supervisor whose spawned workers are fakes that have already died (exit 1)."""
+def supervisor(workers: int = 1, age_s: float = 0.0) -> Supervisor:
+    """A supervisor whose spawned workers are fakes, started ``age_s`` ago, that died (exit 1) while starting."""
     sup, pids = Supervisor(Settings(workers=workers)), itertools.count(1000)
     sup.spawn = lambda index, sock, env: sup.children.__setitem__(  # type: ignore[method-assign]
-        index, (FakeWorker(next(pids), code=1), time.monotonic()))
+        index, (FakeWorker(next(pids), code=1), time.monotonic() - age_s))
     return sup
 
 
-def test_a_worker_that_keeps_dying_young_is_restarted_later_and_later_then_the_service_stops() -> None:
+def serving_since(sup: Supervisor, index: int, seconds_ago: float) -> FakeWorker:
+    """Worker ``index``, alive, that told the supervisor it was ready ``seconds_ago``."""
+    worker = FakeWorker(900 + index)
+    sup.children[index] = (worker, time.monotonic() - seconds_ago - 30)
+    sup.restart_at.pop(index, None)
+    ready_marker(sup.run_dir, worker.pid).touch()
+    sup.tend(None, {})  # the supervisor sees the marker now...
+    sup.ready_at[index] -= seconds_ago  # ...as if it had seen it then
+    return worker
+
+
+def test_a_worker_that_keeps_dying_young_is_restarted_later_and_later_then_the_service_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     sup = supervisor()
-    sup.children[0] = (FakeWorker(999, code=-9), time.monotonic() - 3600)  # an old worker crashes once
+    serving_since(sup, 0, 3600).code = -9  # a worker that has served for an hour crashes once
     sup.tend(None, {})
     assert sup.restart_at[0] - time.monotonic() == pytest.approx(1.0, abs=0.1) and sup.young_deaths[0] == 0
+    assert not list(sup.run_dir.iterdir()), "its ready marker goes with it"
     delays = []
     for _ in range(10):
         sup.restart_at[0] = 0.0  # due: the next tend respawns it, and the one after finds it dead again
@@ -84,6 +98,32 @@ def test_a_worker_that_keeps_dying_young_is_restarted_later_and_later_then_the_s
     assert delays == [1, 2, 4, 8]
     assert sup.stopping.is_set() and sup.failed and 0 not in sup.restart_at
     assert sup.stop() == 1
+    assert "5 deaths in a row" in caplog.text and "not restarted" not in caplog.text  # reaped once
+    shutil.rmtree(sup.run_dir)
+
+
+def test_a_worker_that_dies_before_it_is_ready_dies_young_however_long_its_warm_up_took() -> None:
+    """Loading, compiling and warming up can take minutes: its age does not tell a failure to start."""
+    sup, deaths = supervisor(age_s=10 * YOUNG_S), 0
+    sup.spawn(0, None, {})
+    while not sup.stopping.is_set() and deaths < 10:
+        sup.tend(None, {})  # finds it dead
+        deaths += 1
+        sup.restart_at[0] = 0.0  # due: the next tend respawns it
+        sup.tend(None, {})
+    assert deaths == GIVE_UP_AFTER and sup.failed
+    shutil.rmtree(sup.run_dir)
+
+
+def test_a_worker_that_dies_soon_after_it_was_ready_dies_young() -> None:
+    """Soon after readiness, not after its start: a long warm-up does not hide a worker that crashes at once."""
+    sup = supervisor()
+    serving_since(sup, 0, YOUNG_S / 2).code = 1  # started YOUNG_S / 2 + 30 s ago
+    sup.tend(None, {})
+    assert sup.young_deaths[0] == 1
+    serving_since(sup, 0, 2 * YOUNG_S).code = 1
+    sup.tend(None, {})
+    assert sup.young_deaths[0] == 0
     shutil.rmtree(sup.run_dir)
 
 
@@ -95,10 +135,43 @@ def test_stopping_counts_a_worker_ended_by_its_sigterm_as_clean_and_any_other_fa
     assert starting.signals == drained.signals == broken.signals == [signal.SIGTERM]
     sup.children = {0: (FakeWorker(1, on_term=-signal.SIGTERM), 0.0), 1: (FakeWorker(2), 0.0)}
     assert sup.stop() == 0
-    dead_before = FakeWorker(4, code=-signal.SIGTERM)  # killed by someone else before the stop: not clean
-    sup.children = {0: (dead_before, 0.0)}
-    assert sup.stop() == 1 and dead_before.signals == []
     shutil.rmtree(sup.run_dir)
+
+
+def test_a_worker_that_died_just_before_the_stop_is_a_crash_not_a_failed_drain(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It died before the supervisor's last look (tend), then SIGTERM came: the others' drain decides."""
+    sup = supervisor(workers=2)
+    crashed, draining = FakeWorker(4, code=-signal.SIGKILL), FakeWorker(5)
+    sup.children = {0: (crashed, time.monotonic() - 10), 1: (draining, 0.0)}
+    assert sup.stop() == 0
+    assert crashed.signals == [] and draining.signals == [signal.SIGTERM]
+    assert "worker 0 (pid 4) exited with -9 while starting, 10s after its start; not restarted" in caplog.text
+    assert "did not exit cleanly" not in caplog.text
+    shutil.rmtree(sup.run_dir)
+
+
+def test_a_worker_sent_sigkill_is_dying_from_that_moment_until_it_is_reaped(caplog: pytest.LogCaptureFixture) -> None:
+    """Its threads and memory can take a second to go: until then it cannot be reaped, but must not be
+    signalled and judged as a worker that failed to drain."""
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    exited = subprocess.Popen([sys.executable, "-c", ""])
+    try:
+        assert not dying(worker.pid)
+        os.kill(worker.pid, signal.SIGKILL)
+        assert dying(worker.pid)
+        while not dying(exited.pid):  # a zombie, not reaped
+            time.sleep(0.01)
+        sup = supervisor(workers=2)
+        sup.children = {0: (worker, time.monotonic()), 1: (exited, time.monotonic())}
+        assert sup.stop() == 0
+        assert f"(pid {worker.pid}) exited with -9 while starting" in caplog.text
+        assert f"(pid {exited.pid}) exited with 0 while starting" in caplog.text
+        shutil.rmtree(sup.run_dir)
+    finally:
+        worker.kill()
+        worker.wait()
 
 
 def test_the_run_folder_is_private_and_new() -> None:
