@@ -319,8 +319,7 @@ class ModelRegistry:
     def resolve(self, name: str, version: int | None = None) -> ServedModel:
         """The version a request addresses: the named one, or the highest ready one."""
         validate_name(name)
-        # Over a copy, taken in one step: a load through the control route inserts from its thread.
-        candidates = sorted((m for (n, _), m in list(self._models.items()) if n == name), key=lambda m: m.version)
+        candidates = sorted((m for (n, _), m in self._snapshot() if n == name), key=lambda m: m.version)
         if not candidates:
             raise NotFound(f"unknown model {name!r}; loaded: {', '.join(self.names()) or 'none'}")
         if version is not None:
@@ -335,10 +334,16 @@ class ModelRegistry:
         raise Unavailable(candidates[-1].not_ready_message(), 5)
 
     def names(self) -> list[str]:
-        return sorted({n for n, _ in list(self._models)})
+        return sorted({n for (n, _), _ in self._snapshot()})
 
     def all(self) -> list[ServedModel]:
-        return [self._models[k] for k in sorted(self._models)]
+        return [m for _, m in sorted(self._snapshot(), key=lambda entry: entry[0])]
+
+    def _snapshot(self) -> list[tuple[tuple[str, int], ServedModel]]:
+        """The registered versions, copied under the lock: a load through the control route registers
+        its version from a thread, and iterating the dict meanwhile raises (a 500)."""
+        with self._lock:
+            return list(self._models.items())
 
     def loading(self) -> list[str]:
         """The versions still being loaded, compiled or warmed up (``name vN``): configured ones at
@@ -361,12 +366,12 @@ class ModelRegistry:
 
     def known_model_label(self, name: str) -> str:
         """A bounded metrics label: the model name if it is loaded, else 'unknown'."""
-        return name if any(n == name for n, _ in list(self._models)) else "unknown"
+        return name if any(n == name for (n, _), _ in self._snapshot()) else "unknown"
 
     async def unload(self, name: str, version: int | None = None) -> list[ServedModel]:
         """Stop serving a model (all versions, or one); queued work finishes first."""
         validate_name(name)
-        targets = [m for (n, v), m in list(self._models.items()) if n == name and version in (None, v)]
+        targets = [m for (n, v), m in self._snapshot() if n == name and version in (None, v)]
         if not targets:
             raise NotFound(f"model {name!r}" + (f" version {version}" if version else "") + " is not loaded")
         for m in targets:
@@ -405,7 +410,7 @@ class ModelRegistry:
         stop. A load still running is not waited for; it will not start serving."""
         with self._lock:
             self._closed = True
-            served = self.all()
+        served = self.all()
         await asyncio.gather(*(self.release(m, timeout) for m in served))
         gc.unfreeze()  # nothing is served any more: the collector may have it all back
 

@@ -543,10 +543,12 @@ def test_lookups_on_the_loop_survive_a_load_registering_from_its_thread() -> Non
         registry._models[(f"m{i}", 1)] = ServedModel(f"m{i}", 1, Path("unused"))
     stop = time.monotonic() + 0.5
 
-    def register() -> None:
+    def register() -> None:  # as ModelRegistry._load does, under the registry's lock
         i = 0
         while time.monotonic() < stop:
-            registry._models[(f"new{i}", 1)] = ServedModel(f"new{i}", 1, Path("unused"))
+            served = ServedModel(f"new{i}", 1, Path("unused"))
+            with registry._lock:
+                registry._models[(f"new{i}", 1)] = served
             i += 1
 
     thread = threading.Thread(target=register)
@@ -556,6 +558,7 @@ def test_lookups_on_the_loop_survive_a_load_registering_from_its_thread() -> Non
     try:
         while time.monotonic() < stop:
             assert "m5" in registry.names() and registry.known_model_label("other") == "unknown"
+            assert len(registry.all()) >= 2000
             with pytest.raises(Unavailable):  # found, still LOADING
                 registry.resolve("m5")
     finally:
