@@ -22,7 +22,8 @@ import http
 import json
 import logging
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from service import metrics
 from service.client import SCOPE_KEY, Client
@@ -44,8 +45,9 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().connection_made(transport)
         self._head_bytes = 0  # received since the current head began; 0 between requests
         self._in_head = True  # a new connection waits for its first request's head
-        self._chunk = 0  # the size of the read being parsed: a head that starts in it counts it whole
-        self._message_complete = False  # the current request's body is all in
+        self._head_begun = False  # a byte of the current head is in: a stall gets 408, not a silent close
+        self._running: RequestResponseCycle | None = None  # whose app runs (self.cycle may be a pipelined one)
+        self._body_done: RequestResponseCycle | None = None  # the last request whose body was all in
         self._refusal: tuple[int, str] | None = None
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
@@ -54,15 +56,18 @@ class BoundedHttpTools(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         self._stop_discarding()
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and (client := cycle.scope.get(SCOPE_KEY)):
+        running = self._running
+        if running is not None and not running.response_complete and (client := running.scope.get(SCOPE_KEY)):
             client.leave()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._chunk = len(data)
         if self._in_head:
             self._head_bytes += len(data)  # a chunk that also ends the head counts whole, but is then not checked
         super().data_received(data)
@@ -71,15 +76,15 @@ class BoundedHttpTools(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._message_complete = False
-        self._stop_discarding()
-        if not self._in_head:  # the next request on a kept-alive connection: its head starts in this read
-            self._in_head = True
-            self._head_bytes = self._chunk
+        self._head_begun = True
+        if not self._in_head:  # the next request on a kept-alive connection: its head starts now (the read it
+            self._in_head = True  # starts in is not counted: it may hold the end of the last body)
+            self._head_bytes = 0
             self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_begun = False
         self._stop_head_timer()
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.max_head_bytes:
@@ -89,18 +94,23 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._message_complete = True
-        self._stop_discarding()
+        self._body_done = self.cycle
         super().on_message_complete()
+        if self._discard_timer is not None:  # the rest of a body answered early is in: idle as after any answer
+            self._stop_discarding()
+            keep_alive = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self.timeout_keep_alive_task = keep_alive
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self._message_complete and not self.transport.is_closing():  # answered before its body was in
-            self._discard_timer = self.loop.call_later(self.discard_timeout_s, self._discarded_too_long)
+        answered = self.cycle  # not answered: a pipelined request, parsed after this one's body was all in
+        early = answered is not None and answered.response_complete and self._body_done is not answered
+        if early and not self.transport.is_closing():  # answered before its body was in: uvicorn drops the rest
+            self._discard_timer = self.loop.call_later(self.discard_timeout_s, self._discarded_too_long, answered)
 
-    def _discarded_too_long(self) -> None:
+    def _discarded_too_long(self, answered: RequestResponseCycle) -> None:
         self._discard_timer = None
-        if not self._message_complete:
+        if self._body_done is not answered:
             self.transport.close()
 
     def _stop_discarding(self) -> None:
@@ -126,7 +136,7 @@ class BoundedHttpTools(HttpToolsProtocol):
         self._head_timer = None
         if not self._in_head or self.transport.is_closing():
             return
-        if self._head_bytes:
+        if self._head_begun or self._head_bytes:
             self._refuse(408, f"request line and headers not complete after {self.head_timeout_s:g} s")
         else:
             self.transport.close()  # a connection that never sent a byte: nobody to answer

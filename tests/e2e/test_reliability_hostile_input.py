@@ -513,6 +513,48 @@ def test_a_refused_body_trickling_in_is_cut_off_after_the_body_timeout(server: L
     assert_serving(server)
 
 
+def test_a_refused_body_sent_whole_leaves_the_connection_to_the_keep_alive_timeout(server: LiveServer) -> None:
+    """Once the rest of a body answered early is in, the connection idles like after any answer and
+    is closed after uvicorn's keep-alive timeout (5 s), not held open for good."""
+    with connect(server) as sock:
+        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode())
+        assert read_answer(sock).startswith(b"HTTP/1.1 413")
+        sock.sendall(b"x" * (MAX_BODY + 1))
+        sent = time.monotonic()
+        assert read_until_closed(sock) == b""
+        assert time.monotonic() - sent < 5 + 3
+
+
+def test_a_pipelined_upload_is_not_cut_off_as_a_refused_one(server: LiveServer) -> None:
+    """A request pipelined behind another is not one answered before its body: its slow but steady
+    body (each pause under the body timeout, longer than it in all) is read and answered."""
+    body = PNG
+    request = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with connect(server) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n" + request)
+        assert read_answer(sock).startswith(b"HTTP/1.1 200")
+        pieces = [body[i:i + len(body) // 4 + 1] for i in range(0, len(body), len(body) // 4 + 1)]
+        for piece in pieces:
+            time.sleep(BODY_TIMEOUT_S / 2)  # 4-5 pauses: longer than the body timeout in all
+            sock.sendall(piece)
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_a_head_starting_in_the_read_that_ends_a_large_body_is_not_refused(server: LiveServer) -> None:
+    """The read that ends a body may carry the next head's start: its body bytes are not that head's."""
+    junk = b"x" * 100_000
+    with connect(server) as sock:
+        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     f"Content-Length: {len(junk)}\r\n\r\n".encode() + junk + b"GET /health/live HTTP/1.1\r\nHo")
+        time.sleep(0.5)
+        sock.sendall(b"st: x\r\n\r\n")
+        first, second = read_answer(sock), read_answer(sock)
+    assert first.startswith(b"HTTP/1.1 400") and second.startswith(b"HTTP/1.1 200"), (first[:200], second[:200])
+
+
 def test_the_deadline_runs_from_the_head_so_a_slow_upload_counts(server: LiveServer) -> None:
     """X-Request-Timeout is the client's whole budget: a body that took longer than it to arrive is
     not computed (504), though each pause stayed under the body timeout."""

@@ -244,8 +244,9 @@ def test_requests_whose_clients_left_are_taken_out_of_the_queue(tmp_path: Path) 
         images_before = metric(server, "igcv2_images_total")
         answered_499 = metric(server, "igcv2_requests_total", code="499")
         sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in range(3)]
-        for sock in sockets:
+        for sock in sockets[:2]:
             sock.sendall(request)  # one batch of 6 images gathers for 2 s (it waits for 8)
+        sockets[2].sendall(request + b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")  # one pipelined behind
         deadline = time.monotonic() + 1.5
         while metric(server, "igcv2_queue_depth") < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
