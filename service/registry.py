@@ -291,6 +291,8 @@ class ModelRegistry:
             if not refused:
                 served.state, served.reason = State.READY, None  # registered ready: requests may queue at once
                 self._models[key] = served
+                # A configured model the store lacked at startup, put there since and loaded: no longer missing.
+                self.missing = [name for name in self.missing if name != served.name]
                 self._loop.call_soon_threadsafe(served.batcher.start)
         if refused:
             for runner in runners:

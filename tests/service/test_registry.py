@@ -227,6 +227,18 @@ def test_a_configured_model_missing_from_the_store_keeps_readiness_off(store: Pa
     with_registry(store, f"good:2,{missing}", body)
 
 
+def test_a_missing_model_put_in_the_store_and_loaded_makes_the_server_ready(tmp_path: Path) -> None:
+    save(tmp_path / "good", seed=0)
+
+    async def body(registry: ModelRegistry) -> None:
+        assert not registry.is_ready()
+        save(tmp_path / "later", seed=1)
+        await asyncio.to_thread(registry.load, "later")
+        assert registry.is_ready() and registry.not_ready() == []
+
+    with_registry(tmp_path, "good,later", body)
+
+
 def test_serving_everything_ignores_folders_without_versions(store: Path) -> None:
     registry = ModelRegistry(settings_for(store, ""))
     assert registry.missing_models() == [] and "noversions" not in dict(registry.configured_versions())
