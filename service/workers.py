@@ -246,21 +246,28 @@ class Supervisor:
         did not drain, not for one that died before the stop: that is a crash, logged as such."""
         deadline = time.monotonic() + self.settings.shutdown_timeout_s + 30
         running: list[subprocess.Popen] = []
+        gone: list[int] = []  # dead, or dying of a SIGKILL, since the last tend(): crashes, not drains
         for index, (process, _) in self.children.items():
             if index in self.restart_at:  # died earlier, reaped by tend()
                 continue
-            if process.poll() is None and dying(process.pid):
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(max(0.0, deadline - time.monotonic()))
-            death = self.reap(index, time.monotonic())
-            if death is None:
+            if process.poll() is None and not dying(process.pid):
                 running.append(process)
-            else:  # since the last tend(): not restarted now
-                log.error("worker %d (pid %d) %s; not restarted: stopping", index, process.pid, death)
+            else:
+                gone.append(index)
         log.info("stopping: SIGTERM to %d workers", len(running))
         for process in running:
             process.send_signal(signal.SIGTERM)
-        failed = []
+        failed: list[tuple[int, int | None]] = []
+        for index in gone:  # after the others were signalled: a SIGKILLed worker can take a second to go
+            process = self.children[index][0]
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(0.0, deadline - time.monotonic()))
+            death = self.reap(index, time.monotonic())
+            if death is None:
+                log.error("worker %d (pid %d) was being killed and did not go in time", index, process.pid)
+                failed.append((process.pid, None))
+            else:
+                log.error("worker %d (pid %d) %s; not restarted: stopping", index, process.pid, death)
         for process in running:
             try:
                 code = process.wait(max(0.0, deadline - time.monotonic()))

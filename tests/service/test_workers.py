@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service import workers as workers_module
 from service.config import Settings
 from service.engine import Engine
 from service.errors import Conflict
@@ -172,6 +173,31 @@ def test_a_worker_sent_sigkill_is_dying_from_that_moment_until_it_is_reaped(capl
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_a_worker_slow_to_die_does_not_hold_back_the_others_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGKILLed worker (a GPU context to tear down, say) is waited for only after the live ones
+    were told to drain, so their drain keeps its whole time."""
+    events: list[str] = []
+
+    class SlowToDie(FakeWorker):
+        def wait(self, timeout: float | None = None) -> int:
+            events.append("waited for the dying one")
+            self.code = -signal.SIGKILL
+            return self.code
+
+    class Draining(FakeWorker):
+        def send_signal(self, sig: int) -> None:
+            events.append("SIGTERM to the live one")
+            super().send_signal(sig)
+
+    slow, live = SlowToDie(6), Draining(7)
+    monkeypatch.setattr(workers_module, "dying", lambda pid: pid == slow.pid)
+    sup = supervisor(workers=2)
+    sup.children = {0: (slow, time.monotonic()), 1: (live, time.monotonic())}
+    assert sup.stop() == 0
+    assert events == ["SIGTERM to the live one", "waited for the dying one"] and slow.signals == []
+    shutil.rmtree(sup.run_dir)
 
 
 def test_the_run_folder_is_private_and_new() -> None:
