@@ -48,6 +48,8 @@ class BoundedHttpTools(HttpToolsProtocol):
         self._head_begun = False  # a byte of the current head is in: a stall gets 408, not a silent close
         self._running: RequestResponseCycle | None = None  # whose app runs (self.cycle may be a pipelined one)
         self._body_done: RequestResponseCycle | None = None  # the last request whose body was all in
+        self._expecting: RequestResponseCycle | None = None  # the last request sent with Expect: 100-continue
+        self._idle_after_discard = False  # the rest of a body answered early came in this read
         self._refusal: tuple[int, str] | None = None
         self._refused = False
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
@@ -57,8 +59,12 @@ class BoundedHttpTools(HttpToolsProtocol):
         self._stop_head_timer()
         self._stop_discarding()
         running = self._running
-        if running is not None and not running.response_complete and (client := running.scope.get(SCOPE_KEY)):
-            client.leave()
+        if running is not None and not running.response_complete:
+            if client := running.scope.get(SCOPE_KEY):
+                client.leave()
+            if running is not self.cycle:  # uvicorn tells only the last parsed (a pipelined) request
+                running.disconnected = True  # its answer is then not written to the closed transport
+                running.message_event.set()
         super().connection_lost(exc)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
@@ -73,6 +79,12 @@ class BoundedHttpTools(HttpToolsProtocol):
         super().data_received(data)
         if self._in_head and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
             self._refuse(*self._too_long(self._head_bytes))
+        if self._idle_after_discard:  # idle as after any answer, unless a request began in this read too
+            self._idle_after_discard = False
+            cycle = self.cycle
+            if not self._in_head and cycle is self._body_done and cycle.response_complete:
+                keep_alive = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+                self.timeout_keep_alive_task = keep_alive
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -92,20 +104,23 @@ class BoundedHttpTools(HttpToolsProtocol):
             raise _HeadRefused
         self.scope[SCOPE_KEY] = Client()
         super().on_headers_complete()
+        if self.expect_100_continue:
+            self._expecting = self.cycle
 
     def on_message_complete(self) -> None:
         self._body_done = self.cycle
         super().on_message_complete()
-        if self._discard_timer is not None:  # the rest of a body answered early is in: idle as after any answer
+        if self._discard_timer is not None:  # the rest of a body answered early is in (see data_received)
             self._stop_discarding()
-            keep_alive = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
-            self.timeout_keep_alive_task = keep_alive
+            self._idle_after_discard = True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         answered = self.cycle  # not answered: a pipelined request, parsed after this one's body was all in
         early = answered is not None and answered.response_complete and self._body_done is not answered
-        if early and not self.transport.is_closing():  # answered before its body was in: uvicorn drops the rest
+        if early and answered is self._expecting:  # no 100 Continue came: the client may never send the body,
+            self.transport.close()  # and its next request would be read as the rest of this one
+        elif early and not self.transport.is_closing():  # answered before its body was in: uvicorn drops the rest
             self._discard_timer = self.loop.call_later(self.discard_timeout_s, self._discarded_too_long, answered)
 
     def _discarded_too_long(self, answered: RequestResponseCycle) -> None:

@@ -526,6 +526,18 @@ def test_a_refused_body_sent_whole_leaves_the_connection_to_the_keep_alive_timeo
         assert time.monotonic() - sent < 5 + 3
 
 
+def test_an_early_answer_to_expect_100_continue_closes_the_connection(server: LiveServer) -> None:
+    """No 100 Continue came, so the client may never send the body: the connection closes after the
+    answer, or the client's next request would be read as the rest of this body."""
+    with connect(server) as sock:
+        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nExpect: 100-continue\r\n"
+                     f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode())
+        started = time.monotonic()
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert time.monotonic() - started < 1.5
+
+
 def test_a_pipelined_upload_is_not_cut_off_as_a_refused_one(server: LiveServer) -> None:
     """A request pipelined behind another is not one answered before its body: its slow but steady
     body (each pause under the body timeout, longer than it in all) is read and answered."""

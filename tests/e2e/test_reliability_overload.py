@@ -262,3 +262,24 @@ def test_requests_whose_clients_left_are_taken_out_of_the_queue(tmp_path: Path) 
         time.sleep(2.5)  # past the batch's gathering time: nothing was computed for the leavers
         assert metric(server, "igcv2_images_total") == images_before
         assert_serving(server)
+        assert "Exception in ASGI application" not in server.log()  # no answer written to a closed connection
+
+
+def test_a_request_after_a_discarded_body_keeps_its_connection_while_it_is_computed(tmp_path: Path) -> None:
+    """The rest of a body answered early (413) arrives with the next request in one read: that request
+    is answered, however long it takes (here a 6 s batch delay), not cut off by the keep-alive timer
+    (5 s) that the end of the discarded body would start."""
+    env = fast_env(default_model_store(tmp_path), max_batch_size="8", max_queue_delay_ms="6000",
+                   max_body_bytes="100000")
+    with live_server(tmp_path, env) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: 100001\r\n\r\n")
+            first = sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 413"), first[:200]
+            sock.sendall(b"x" * 100_001 + multipart_request("/classify", fashion_pngs(1)))
+            second = b""
+            while b"\r\n\r\n" not in second and (chunk := sock.recv(65536)):
+                second += chunk
+        assert second.startswith(b"HTTP/1.1 200"), second[:200]
