@@ -276,10 +276,11 @@ def test_a_request_after_a_discarded_body_keeps_its_connection_while_it_is_compu
         with socket.create_connection((host, int(port)), timeout=20) as sock:
             sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                          b"Content-Length: 100001\r\n\r\n")
-            first = sock.recv(65536)
-            assert first.startswith(b"HTTP/1.1 413"), first[:200]
+            answers = b""
+            while answers.count(b"\r\n\r\n") < 1 or not answers.endswith(b"}"):  # the 413's head and body
+                answers += sock.recv(65536)
+            assert answers.startswith(b"HTTP/1.1 413"), answers[:200]
             sock.sendall(b"x" * 100_001 + multipart_request("/classify", fashion_pngs(1)))
-            second = b""
-            while b"\r\n\r\n" not in second and (chunk := sock.recv(65536)):
-                second += chunk
-        assert second.startswith(b"HTTP/1.1 200"), second[:200]
+            while answers.count(b"HTTP/1.1 ") < 2 and (chunk := sock.recv(65536)):
+                answers += chunk
+        assert b"HTTP/1.1 200" in answers, answers[:500]
