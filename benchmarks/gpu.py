@@ -34,8 +34,12 @@ from benchmarks.server import ROOT, Service
 from benchmarks.workloads import BUNDLED_STORE, fashion_pngs, latest_version_dir, photo_jpegs, untrained_imagenet
 
 SETTINGS = [  # (compile mode or "eager", precision, channels_last)
-    ("eager", "float16", False), ("default", "float16", False), ("reduce-overhead", "float16", False),
-    ("max-autotune", "float16", False), ("reduce-overhead", "bfloat16", False), ("reduce-overhead", "float16", True),
+    ("eager", "float16", False),
+    ("default", "float16", False),
+    ("reduce-overhead", "float16", False),
+    ("max-autotune", "float16", False),
+    ("reduce-overhead", "bfloat16", False),
+    ("reduce-overhead", "float16", True),
 ]
 BUCKETS = {"fashion": [1, 8, 32, 128], "imagenet": [1, 8, 32]}
 
@@ -51,6 +55,7 @@ def encoded_images(model: str, n: int) -> list[bytes]:
 
 
 # ----- device and floor (parent process) -----
+
 
 def device_rates(device: str) -> dict[str, Any]:
     """Copy bandwidth (bytes read + written per second) and dense fp16/bf16 matrix rate, measured once."""
@@ -112,13 +117,26 @@ def floor(version_dir: Path, rates: dict[str, Any], buckets: list[int]) -> dict[
     for b in buckets:
         moved = fixed + weights / b
         compute_s, memory_s = 2 * macs / flops, moved / rates["copy_bytes_per_s"]
-        per_bucket.append({"batch": b, "bytes_per_image": moved, "compute_floor_us": 1e6 * compute_s,
-                           "memory_floor_us": 1e6 * memory_s, "floor_us_per_image": 1e6 * max(compute_s, memory_s)})
-    return {"macs_per_image": macs, "weight_bytes_fp16": weights, "conv_output_elements": conv_outputs,
-            "input_bytes": spec.channels * spec.height * spec.width, "buckets": per_bucket}
+        per_bucket.append(
+            {
+                "batch": b,
+                "bytes_per_image": moved,
+                "compute_floor_us": 1e6 * compute_s,
+                "memory_floor_us": 1e6 * memory_s,
+                "floor_us_per_image": 1e6 * max(compute_s, memory_s),
+            }
+        )
+    return {
+        "macs_per_image": macs,
+        "weight_bytes_fp16": weights,
+        "conv_output_elements": conv_outputs,
+        "input_bytes": spec.channels * spec.height * spec.width,
+        "buckets": per_bucket,
+    }
 
 
 # ----- one setting (child process) -----
+
 
 def child(config: dict[str, Any]) -> int:
     """Compile one setting, say so, wait for "go" on stdin, measure, print the result as JSON."""
@@ -136,26 +154,41 @@ def child(config: dict[str, Any]) -> int:
     spec = artifact.config.input
     arrays = [decode_image(data, spec, 10**9) for data in encoded_images(config["model"], config["images"])]
     with torch.inference_mode():  # before ModelRunner, which moves the network to its device and dtype in place
-        reference = Normalized(artifact.model, spec.mean, spec.std).eval()(
-            torch.from_numpy(np.stack(arrays))).softmax(1).numpy()
-    options = RuntimeOptions(device=torch.device(config["device"]), precision=precision, compile=mode != "eager",
-                             compile_mode=mode if mode != "eager" else "default", channels_last=channels_last,
-                             max_batch_size=buckets[-1])
+        reference = (
+            Normalized(artifact.model, spec.mean, spec.std)
+            .eval()(torch.from_numpy(np.stack(arrays)))
+            .softmax(1)
+            .numpy()
+        )
+    options = RuntimeOptions(
+        device=torch.device(config["device"]),
+        precision=precision,
+        compile=mode != "eager",
+        compile_mode=mode if mode != "eager" else "default",
+        channels_last=channels_last,
+        max_batch_size=buckets[-1],
+    )
     runner = ModelRunner(artifact, options, name="compare")
     runner.buckets = buckets  # only the buckets compared (host buffers exist for every power of two)
     started = time.perf_counter()
     runner.executor.submit(runner.warmup).result()
-    result: dict[str, Any] = {**{k: config[k] for k in ("model", "mode", "precision", "channels_last")},
-                              "compile_s": time.perf_counter() - started, "compiled": runner.compiled}
+    result: dict[str, Any] = {
+        **{k: config[k] for k in ("model", "mode", "precision", "channels_last")},
+        "compile_s": time.perf_counter() - started,
+        "compiled": runner.compiled,
+    }
     print("compiled", json.dumps(result), flush=True)
     if sys.stdin.readline().strip() != "go":
         return 1
 
     def measure() -> dict[str, Any]:
-        chunks = [runner.predict(arrays[i:i + buckets[-1]]) for i in range(0, len(arrays), buckets[-1])]
+        chunks = [runner.predict(arrays[i : i + buckets[-1]]) for i in range(0, len(arrays), buckets[-1])]
         probs = softmax(np.concatenate(chunks))
-        out: dict[str, Any] = {"top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
-                               "max_probability_difference": float(np.abs(probs - reference).max()), "buckets": []}
+        out: dict[str, Any] = {
+            "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
+            "max_probability_difference": float(np.abs(probs - reference).max()),
+            "buckets": [],
+        }
         if np.ptp(reference, axis=1).max() < 1e-6:  # untrained network with constant outputs: no ranking to agree on
             out["top1_agreement"] = None
         for b in buckets:
@@ -167,8 +200,15 @@ def child(config: dict[str, Any]) -> int:
                 runner.predict(batch)
                 times.append(time.perf_counter() - t0)
             call = float(np.median(times))
-            out["buckets"].append({"batch": b, "calls": len(times), "ms_per_call": 1e3 * call,
-                                   "us_per_image": 1e6 * call / b, "images_per_s": b / call})
+            out["buckets"].append(
+                {
+                    "batch": b,
+                    "calls": len(times),
+                    "ms_per_call": 1e3 * call,
+                    "us_per_image": 1e6 * call / b,
+                    "images_per_s": b / call,
+                }
+            )
         return out
 
     result |= runner.executor.submit(measure).result()
@@ -179,14 +219,21 @@ def child(config: dict[str, Any]) -> int:
 
 # ----- the comparison (parent process) -----
 
+
 class Child:
     def __init__(self, config: dict[str, Any], env: dict[str, str], log: Path) -> None:
         self.config = config
         self.lines: queue.Queue[str] = queue.Queue()
         self.log = open(log, "w")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu", "child", json.dumps(config)],
-                                        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self.log, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.gpu", "child", json.dumps(config)],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -226,8 +273,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"torch": torch.__version__, "device": device}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        result |= {"card": props.name, "multiprocessors": props.multi_processor_count,
-                   "memory_gib": props.total_memory / 2**30, "cuda": torch.version.cuda}
+        result |= {
+            "card": props.name,
+            "multiprocessors": props.multi_processor_count,
+            "memory_gib": props.total_memory / 2**30,
+            "cuda": torch.version.cuda,
+        }
     result["rates"] = device_rates(device)
     print(json.dumps(result), flush=True)
     models = args.models.split(",")
@@ -235,15 +286,27 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     buckets = {m: args.buckets or BUCKETS[m] for m in models}
     result["floors"] = {m: floor(dirs[m], result["rates"], buckets[m]) for m in models}
     cache = tempfile.mkdtemp(prefix="inductor-compare-")  # fresh: compile times are cold times
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_COMPILE_THREADS": str(args.compile_threads),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": cache,
+        "TORCHINDUCTOR_COMPILE_THREADS": str(args.compile_threads),
+        "PYTHONUNBUFFERED": "1",
+    }
     settings = [s for s in SETTINGS if s[0] in args.modes.split(",")]
     children = []
     for m in models:
         for mode, precision, channels_last in settings:
-            config = {"model": m, "model_dir": str(dirs[m]), "mode": mode, "precision": precision,
-                      "channels_last": channels_last, "buckets": buckets[m], "device": device,
-                      "images": 512 if m == "fashion" else 8, "seconds": args.seconds}
+            config = {
+                "model": m,
+                "model_dir": str(dirs[m]),
+                "mode": mode,
+                "precision": precision,
+                "channels_last": channels_last,
+                "buckets": buckets[m],
+                "device": device,
+                "images": 512 if m == "fashion" else 8,
+                "seconds": args.seconds,
+            }
             tag = f"{m}-{mode}-{precision}-{'cl' if channels_last else 'nchw'}"
             children.append(Child(config, env, args.out / f"{tag}.log"))
     deadline = time.monotonic() + args.compile_timeout
@@ -281,8 +344,15 @@ def coldstart(args: argparse.Namespace) -> dict[str, Any]:
         with svc:
             svc.start(args.ready_timeout)
             described = svc.describe()
-        starts.append({"cache": label, "ready_s": svc.startup_s, "warmup_s": described.get("warmup_s"),
-                       "device": described.get("device"), "compile_mode": described.get("compile_mode")})
+        starts.append(
+            {
+                "cache": label,
+                "ready_s": svc.startup_s,
+                "warmup_s": described.get("warmup_s"),
+                "device": described.get("device"),
+                "compile_mode": described.get("compile_mode"),
+            }
+        )
         print(json.dumps(starts[-1]), flush=True)
     return {"model": model, "server_env": env, "starts": starts}
 
@@ -294,8 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "gpu")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
     p.add_argument("--models", default="fashion,imagenet")
-    p.add_argument("--modes", default="eager,default,reduce-overhead",
-                   help="comma-separated; add max-autotune to compare it (minutes of compilation per bucket)")
+    p.add_argument(
+        "--modes",
+        default="eager,default,reduce-overhead",
+        help="comma-separated; add max-autotune to compare it (minutes of compilation per bucket)",
+    )
     p.add_argument("--buckets", type=lambda s: [int(v) for v in s.split(",")], help="override the buckets")
     p.add_argument("--seconds", type=float, default=0.5, help="timed seconds per bucket")
     p.add_argument("--compile-timeout", type=float, default=240.0, help="seconds all settings get to compile")

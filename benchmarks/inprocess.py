@@ -36,8 +36,13 @@ MIN_ITERATIONS = 3
 
 def _ms(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values) * 1000
-    return {"p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
-            "p99_ms": float(np.percentile(arr, 99)), "mean_ms": float(arr.mean()), "n": len(values)}
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p95_ms": float(np.percentile(arr, 95)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "mean_ms": float(arr.mean()),
+        "n": len(values),
+    }
 
 
 def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: float) -> dict[str, Any]:
@@ -47,8 +52,11 @@ def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: flo
     artifact = load_artifact(model_dir)
     batching = settings.batching_for(artifact.config.serving)
     options = RuntimeOptions(
-        device=resolve_device(settings.device), precision=settings.precision, compile=settings.compile,
-        compile_mode=settings.compile_mode, channels_last=settings.channels_last,
+        device=resolve_device(settings.device),
+        precision=settings.precision,
+        compile=settings.compile,
+        compile_mode=settings.compile_mode,
+        channels_last=settings.channels_last,
         max_batch_size=batching["max_batch_size"],
     )
     runner = ModelRunner(artifact, options, "ceiling")
@@ -68,9 +76,15 @@ def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: flo
             runner.predict(arrays)
             t2 = time.perf_counter()
             decode_s, forward_s, done, calls = decode_s + t1 - t0, forward_s + t2 - t1, done + size, calls + 1
-        return {"batch": size, "calls": calls, "images": done, "images_per_s": done / (decode_s + forward_s),
-                "decode_ms_per_image": 1000 * decode_s / done, "forward_ms_per_batch": 1000 * forward_s / calls,
-                "forward_images_per_s": done / forward_s}
+        return {
+            "batch": size,
+            "calls": calls,
+            "images": done,
+            "images_per_s": done / (decode_s + forward_s),
+            "decode_ms_per_image": 1000 * decode_s / done,
+            "forward_ms_per_batch": 1000 * forward_s / calls,
+            "forward_images_per_s": done / forward_s,
+        }
 
     def single() -> dict[str, Any]:
         latencies: list[float] = []
@@ -102,12 +116,20 @@ def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: flo
     best = max(buckets, key=lambda b: b["images_per_s"])
     return {
         "what": "decode_image + ModelRunner.predict, sequential on the inference thread, no HTTP",
-        "device": str(runner.device), "precision": str(options.dtype).removeprefix("torch."),
-        "compiled": runner.compiled, "compile_mode": options.mode if runner.compiled else None,
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "device": str(runner.device),
+        "precision": str(options.dtype).removeprefix("torch."),
+        "compiled": runner.compiled,
+        "compile_mode": options.mode if runner.compiled else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
         "cuda_device": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else None,
-        "max_batch_size": options.max_batch_size, "warmup_s": warmup_s, "buckets": buckets,
-        "best_batch": best["batch"], "images_per_s": best["images_per_s"], "single_image": single_latency,
+        "max_batch_size": options.max_batch_size,
+        "warmup_s": warmup_s,
+        "buckets": buckets,
+        "best_batch": best["batch"],
+        "images_per_s": best["images_per_s"],
+        "single_image": single_latency,
         "decode_ceiling": decoding,
     }
 

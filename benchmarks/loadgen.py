@@ -112,7 +112,12 @@ class Pacing:
 
 
 def paced_streams(
-    bodies: list[Body], workers: int, worker_interval_s: float, duration_s: float, streams: int, timeout_s: int,
+    bodies: list[Body],
+    workers: int,
+    worker_interval_s: float,
+    duration_s: float,
+    streams: int,
+    timeout_s: int,
     csv: bool = True,
 ) -> tuple[list[Stream], Pacing]:
     """``workers`` hey workers that each send one request every ``worker_interval_s`` (``-q``).
@@ -124,13 +129,26 @@ def paced_streams(
     """
     shares = split(max(workers, 1), streams)
     out = [
-        Stream(bodies[i % len(bodies)], w, worker_interval_s + duration_s, 1.0 / worker_interval_s, csv, timeout_s,
-               i * worker_interval_s / len(shares))
+        Stream(
+            bodies[i % len(bodies)],
+            w,
+            worker_interval_s + duration_s,
+            1.0 / worker_interval_s,
+            csv,
+            timeout_s,
+            i * worker_interval_s / len(shares),
+        )
         for i, w in enumerate(shares)
     ]
     total = sum(shares)
-    pacing = Pacing(total / worker_interval_s, total, len(shares), worker_interval_s, total / len(shares),
-                    worker_interval_s / len(shares))
+    pacing = Pacing(
+        total / worker_interval_s,
+        total,
+        len(shares),
+        worker_interval_s,
+        total / len(shares),
+        worker_interval_s / len(shares),
+    )
     return out, pacing
 
 
@@ -157,8 +175,21 @@ class HeyRun:
         self.started_at: list[float] = []
 
     def command(self, stream: Stream) -> list[str]:
-        cmd = [self.hey, "-z", f"{round(stream.duration_s * 1000)}ms", "-c", str(stream.workers), "-m", "POST",
-               "-T", stream.body.content_type, "-D", str(stream.body.path), "-t", str(stream.timeout_s)]
+        cmd = [
+            self.hey,
+            "-z",
+            f"{round(stream.duration_s * 1000)}ms",
+            "-c",
+            str(stream.workers),
+            "-m",
+            "POST",
+            "-T",
+            stream.body.content_type,
+            "-D",
+            str(stream.body.path),
+            "-t",
+            str(stream.timeout_s),
+        ]
         if stream.rate:
             cmd += ["-q", f"{stream.rate:.6f}"]
         if stream.csv:
@@ -234,8 +265,9 @@ def parse(stream: Stream, path: Path) -> StreamResult:
     percentiles = {int(p): float(v) for p, v in _PCT.findall(head) if int(p) > 0}
     total = _TOTAL.search(head)
     empty = np.zeros(0)
-    return StreamResult(stream, empty, empty.astype(int), empty, codes, errors, percentiles,
-                        float(total.group(1)) if total else 0.0)
+    return StreamResult(
+        stream, empty, empty.astype(int), empty, codes, errors, percentiles, float(total.group(1)) if total else 0.0
+    )
 
 
 def run(url: str, streams: list[Stream], out_dir: Path, tag: str) -> list[StreamResult]:

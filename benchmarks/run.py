@@ -48,16 +48,42 @@ MIB = 1024 * 1024
 QUIET_OTHER_CORES = 0.25  # CPU used by anything but the server and hey above which a phase is "not quiet"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "fashion": {"concurrency": "1,2,4,8,16,32,64", "duration": 10.0, "warmup": 2.0, "images": 8,
-                "bucket_seconds": 3.0, "single_seconds": 5.0},
-    "imagenet": {"concurrency": "1,2,4,8,16,32", "duration": 20.0, "warmup": 5.0, "images": 8,
-                 "bucket_seconds": 10.0, "single_seconds": 10.0},
+    "fashion": {
+        "concurrency": "1,2,4,8,16,32,64",
+        "duration": 10.0,
+        "warmup": 2.0,
+        "images": 8,
+        "bucket_seconds": 3.0,
+        "single_seconds": 5.0,
+    },
+    "imagenet": {
+        "concurrency": "1,2,4,8,16,32",
+        "duration": 20.0,
+        "warmup": 5.0,
+        "images": 8,
+        "bucket_seconds": 10.0,
+        "single_seconds": 10.0,
+    },
 }
 # Tiny everything, eager: proves the whole pipeline works (tests/benchmarks/test_bench_smoke.py).
-SMOKE = {"concurrency": "1,4", "no_batching_concurrency": "4", "duration": 1.0, "warmup": 0.3, "images": 4,
-         "bucket_seconds": 0.2, "single_seconds": 0.3, "max_batch_size": 4, "eager": True, "open_loop_rates": "0.5",
-         "overload_duration": 2.0, "soak_duration": 2.0, "sample_interval": 0.25, "server_warmup": 0.3,
-         "max_queue_size": 16, "soak_invalid_rate": 5.0}
+SMOKE = {
+    "concurrency": "1,4",
+    "no_batching_concurrency": "4",
+    "duration": 1.0,
+    "warmup": 0.3,
+    "images": 4,
+    "bucket_seconds": 0.2,
+    "single_seconds": 0.3,
+    "max_batch_size": 4,
+    "eager": True,
+    "open_loop_rates": "0.5",
+    "overload_duration": 2.0,
+    "soak_duration": 2.0,
+    "sample_interval": 0.25,
+    "server_warmup": 0.3,
+    "max_queue_size": 16,
+    "soak_invalid_rate": 5.0,
+}
 
 
 class _Help(argparse.HelpFormatter):
@@ -77,48 +103,84 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pre.add_argument("--smoke", action="store_true")
     known, _ = pre.parse_known_args(argv)
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0],
-                                formatter_class=_Help, allow_abbrev=False)
-    p.add_argument("--model", choices=sorted(DEFAULTS), default="fashion",
-                   help="fashion: igcv2-fashion with Fashion-MNIST PNGs; imagenet: untrained ImageNet 1.0 preset "
-                        "at 224x224 with skimage photos as JPEG")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.splitlines()[0], formatter_class=_Help, allow_abbrev=False
+    )
+    p.add_argument(
+        "--model",
+        choices=sorted(DEFAULTS),
+        default="fashion",
+        help="fashion: igcv2-fashion with Fashion-MNIST PNGs; imagenet: untrained ImageNet 1.0 preset "
+        "at 224x224 with skimage photos as JPEG",
+    )
     p.add_argument("--mode", default="throughput", help=f"comma-separated: {', '.join(MODES)}, or all")
     p.add_argument("--smoke", action="store_true", help="tiny, eager run that only proves everything works")
-    p.add_argument("--model-store", type=Path, help="store to serve from (default: model_store/ when it holds "
-                                                    "the model, else an untrained artifact under --out)")
+    p.add_argument(
+        "--model-store",
+        type=Path,
+        help="store to serve from (default: model_store/ when it holds "
+        "the model, else an untrained artifact under --out)",
+    )
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/out/<model>)")
     p.add_argument("--concurrency", help="closed-loop sweep with batching")
     p.add_argument("--no-batching-concurrency", help="sweep with max_batch_size=1 (default: --concurrency)")
     p.add_argument("--duration", type=float, help="seconds per sweep point (after its warm-up)")
     p.add_argument("--warmup", type=float, help="seconds at the start of each point left out of its numbers")
     p.add_argument("--images", type=int, help="distinct real images to send")
-    p.add_argument("--photo-size", type=size, metavar="WxH",
-                   help="imagenet: resize the photographs to this size before JPEG encoding (e.g. 1024x768, "
-                        "a camera frame; default: their own sizes)")
+    p.add_argument(
+        "--photo-size",
+        type=size,
+        metavar="WxH",
+        help="imagenet: resize the photographs to this size before JPEG encoding (e.g. 1024x768, "
+        "a camera frame; default: their own sizes)",
+    )
     p.add_argument("--streams", type=int, default=4, help="most hey processes per closed-loop point (one image each)")
     p.add_argument("--images-per-request", type=int, default=1, help="1: raw image body; more: multipart")
-    p.add_argument("--max-batch-size", type=int, help="IGCV2_MAX_BATCH_SIZE of the batching server "
-                                                      "(default: the service's own)")
+    p.add_argument(
+        "--max-batch-size", type=int, help="IGCV2_MAX_BATCH_SIZE of the batching server (default: the service's own)"
+    )
     p.add_argument("--max-queue-size", type=int, help="IGCV2_MAX_QUEUE_SIZE (default: the service's own)")
     p.add_argument("--eager", action="store_true", help="IGCV2_COMPILE=false (server and ceiling)")
-    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for the servers and the ceiling (repeatable)")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the servers and the ceiling (repeatable)",
+    )
     p.add_argument("--bucket-seconds", type=float, help="ceiling: seconds per batch bucket")
     p.add_argument("--single-seconds", type=float, help="ceiling: seconds of single-image latency")
-    p.add_argument("--open-loop-rates", default="0.5,0.8",
-                   help="open-loop offered rates as fractions of the batching saturation throughput")
+    p.add_argument(
+        "--open-loop-rates",
+        default="0.5,0.8",
+        help="open-loop offered rates as fractions of the batching saturation throughput",
+    )
     p.add_argument("--rate", help="open-loop offered rates in requests/s (comma-separated; overrides the fractions)")
     p.add_argument("--open-loop-duration", type=float, help="seconds per open-loop rate (default: --duration)")
     p.add_argument("--open-loop-streams", type=int, default=8, help="staggered hey processes for pacing")
-    p.add_argument("--open-loop-interval", type=float,
-                   help="seconds between one paced worker's requests (default: max(0.25, 4 x p99 at concurrency 1))")
+    p.add_argument(
+        "--open-loop-interval",
+        type=float,
+        help="seconds between one paced worker's requests (default: max(0.25, 4 x p99 at concurrency 1))",
+    )
     p.add_argument("--overload-duration", type=float, default=60.0, help="seconds of overload")
-    p.add_argument("--overload-factor", type=float, default=2.0,
-                   help="offered load of the overload run, as a multiple of the saturation throughput (paced)")
-    p.add_argument("--overload-concurrency", type=int,
-                   help="instead of a paced load: this many closed-loop workers that retry at once on 503")
-    p.add_argument("--max-workers", type=int, default=512,
-                   help="most paced hey workers (= connections) in overload; keep well under `ulimit -n`")
+    p.add_argument(
+        "--overload-factor",
+        type=float,
+        default=2.0,
+        help="offered load of the overload run, as a multiple of the saturation throughput (paced)",
+    )
+    p.add_argument(
+        "--overload-concurrency",
+        type=int,
+        help="instead of a paced load: this many closed-loop workers that retry at once on 503",
+    )
+    p.add_argument(
+        "--max-workers",
+        type=int,
+        default=512,
+        help="most paced hey workers (= connections) in overload; keep well under `ulimit -n`",
+    )
     p.add_argument("--soak-duration", type=float, default=300.0, help="seconds of soak")
     p.add_argument("--soak-concurrency", type=int, default=4, help="closed-loop workers sending valid images")
     p.add_argument("--soak-invalid-rate", type=float, default=5.0, help="requests/s of each kind of invalid input")
@@ -151,20 +213,38 @@ def ints(text: str) -> list[int]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
     gpus = None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         gpus = [g.strip() for g in out.stdout.splitlines() if g.strip()] or None
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_kib / 1024 / 1024, 1), "gpus": gpus,
-            "platform": platform.platform(), "python": platform.python_version(), "hey": loadgen.hey_version(),
-            "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3]}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "gpus": gpus,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "hey": loadgen.hey_version(),
+        "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
 
 
 # (t, queue depth, RSS bytes, images computed so far, /classify answers so far, HTTP requests in progress)
@@ -201,11 +281,16 @@ class Sampler:
         while not self.stop_event.is_set():
             try:
                 m = self.svc.scrape(timeout=max(5.0, self.interval))
-                self.samples.append((time.monotonic() - self.t0, m.value("igcv2_queue_depth", model=self.svc.model),
-                                     m.value("process_resident_memory_bytes"),
-                                     m.value("igcv2_images_total", model=self.svc.model),
-                                     m.value("igcv2_requests_total", endpoint="/classify"),
-                                     m.value("igcv2_requests_in_progress")))
+                self.samples.append(
+                    (
+                        time.monotonic() - self.t0,
+                        m.value("igcv2_queue_depth", model=self.svc.model),
+                        m.value("process_resident_memory_bytes"),
+                        m.value("igcv2_images_total", model=self.svc.model),
+                        m.value("igcv2_requests_total", endpoint="/classify"),
+                        m.value("igcv2_requests_in_progress"),
+                    )
+                )
             except OSError:
                 pass
             self.stop_event.wait(self.interval)
@@ -246,15 +331,22 @@ class Bench:
         self.version_dir = latest_version_dir(self.work.store, self.work.model)
         self.result["model"] = model_info(self.version_dir)
         if self.result["model"].get("untrained"):
-            self.warn(f"{self.work.model} at {self.version_dir} has untrained (random) weights: "
-                      "speed is representative, predictions are not")
+            self.warn(
+                f"{self.work.model} at {self.version_dir} has untrained (random) weights: "
+                "speed is representative, predictions are not"
+            )
         self.env = self.server_env()
         self.gpu = GpuUtilization() if self.result["machine"]["gpus"] else None
         self.bodies = valid_bodies(self.work, self.out / "bodies", args.images_per_request)
         self.result["settings"] = {
-            "concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup,
-            "images": [p.name for p in self.work.images], "images_per_request": args.images_per_request,
-            "streams": args.streams, "server_env": self.env, "relevant_env": relevant_env(),
+            "concurrency": args.concurrency,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "images": [p.name for p in self.work.images],
+            "images_per_request": args.images_per_request,
+            "streams": args.streams,
+            "server_env": self.env,
+            "relevant_env": relevant_env(),
         }
 
     def warn(self, message: str) -> None:
@@ -286,15 +378,30 @@ class Bench:
         self.log("in-process ceiling (compiles every bucket unless --eager)")
         target = self.raw / "ceiling.json"
         target.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "benchmarks.inprocess", str(self.version_dir), *map(str, self.work.images),
-               "--bucket-seconds", str(self.args.bucket_seconds), "--single-seconds", str(self.args.single_seconds),
-               "--out", str(target)]
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.environ.get(
-            "TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".inductor-cache")), **self.env}
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.inprocess",
+            str(self.version_dir),
+            *map(str, self.work.images),
+            "--bucket-seconds",
+            str(self.args.bucket_seconds),
+            "--single-seconds",
+            str(self.args.single_seconds),
+            "--out",
+            str(target),
+        ]
+        env = {
+            **os.environ,
+            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".inductor-cache")),
+            **self.env,
+        }
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=self.args.ready_timeout)
         result = json.loads(target.read_text())
-        self.log(f"ceiling {result['images_per_s']:.1f} images/s at batch {result['best_batch']}; single image "
-                 f"p50 {result['single_image']['p50_ms']:.2f} ms")
+        self.log(
+            f"ceiling {result['images_per_s']:.1f} images/s at batch {result['best_batch']}; single image "
+            f"p50 {result['single_image']['p50_ms']:.2f} ms"
+        )
         return result
 
     def start_service(self, label: str, extra: dict[str, str] | None = None) -> Service:
@@ -303,8 +410,9 @@ class Bench:
         svc.start(self.args.ready_timeout)
         self.log(f"{label} server ready in {svc.startup_s:.1f}s")
         if self.args.server_warmup > 0:
-            streams = loadgen.closed_streams(self.bodies, 4, self.args.server_warmup, self.args.streams,
-                                             self.args.request_timeout)
+            streams = loadgen.closed_streams(
+                self.bodies, 4, self.args.server_warmup, self.args.streams, self.args.request_timeout
+            )
             loadgen.run(svc.url, streams, self.raw, f"{label}-warmup")
         return svc
 
@@ -320,28 +428,36 @@ class Bench:
         finally:
             run.kill()
         r1 = svc.reading()
-        phase = report.csv_phase(results, warmup, report.server_delta(r0, r1, svc.model),
-                                 report.server_delta(pre, r1, svc.model))
+        phase = report.csv_phase(
+            results, warmup, report.server_delta(r0, r1, svc.model), report.server_delta(pre, r1, svc.model)
+        )
         phase["gpu_busy"] = self.gpu.mean(r0.t, r1.t) if self.gpu else None
         if phase["unaccounted"]:
-            self.warn(f"{tag}: {phase['unaccounted']} answers the server sent were not recorded by hey "
-                      "(client timeouts or transport errors)")
+            self.warn(
+                f"{tag}: {phase['unaccounted']} answers the server sent were not recorded by hey "
+                "(client timeouts or transport errors)"
+            )
         other = phase["cpu_cores"]["other"]
         if other is not None and other > QUIET_OTHER_CORES:
-            self.warn(f"{tag}: other processes used {other:.2f} cores during the measurement: the machine was "
-                      "not quiet, so this point is not a clean number")
+            self.warn(
+                f"{tag}: other processes used {other:.2f} cores during the measurement: the machine was "
+                "not quiet, so this point is not a clean number"
+            )
         return phase
 
     def sweep(self, svc: Service, label: str, concurrencies: list[int]) -> list[dict[str, Any]]:
         points = []
         for c in concurrencies:
-            streams = loadgen.closed_streams(self.bodies, c, self.args.warmup + self.args.duration,
-                                             self.args.streams, self.args.request_timeout)
+            streams = loadgen.closed_streams(
+                self.bodies, c, self.args.warmup + self.args.duration, self.args.streams, self.args.request_timeout
+            )
             point = {"concurrency": c, **self.csv_phase(svc, streams, f"{label}-c{c}", self.args.warmup)}
             lat = point["latency_ms"]
-            self.log(f"{label} c={c}: {point['throughput_images_per_s']:.1f} images/s, p50 {lat['p50'] or 0:.2f} ms, "
-                     f"p99 {lat['p99'] or 0:.2f} ms, mean batch {point['mean_batch_size'] or 0:.2f}"
-                     + (f", GPU busy {point['gpu_busy']:.2f}" if point.get("gpu_busy") is not None else ""))
+            self.log(
+                f"{label} c={c}: {point['throughput_images_per_s']:.1f} images/s, p50 {lat['p50'] or 0:.2f} ms, "
+                f"p99 {lat['p99'] or 0:.2f} ms, mean batch {point['mean_batch_size'] or 0:.2f}"
+                + (f", GPU busy {point['gpu_busy']:.2f}" if point.get("gpu_busy") is not None else "")
+            )
             points.append(point)
             time.sleep(0.5)
         return points
@@ -361,17 +477,25 @@ class Bench:
             if rate <= 0:
                 continue
             workers, interval = loadgen.open_loop_workers(rate, min_interval)
-            streams, pacing = loadgen.paced_streams(self.bodies, workers, interval, args.warmup + duration,
-                                                    args.open_loop_streams, args.request_timeout)
+            streams, pacing = loadgen.paced_streams(
+                self.bodies, workers, interval, args.warmup + duration, args.open_loop_streams, args.request_timeout
+            )
             # hey's paced workers fire first one interval after they start: leave that out too.
-            point = {"offered_requests_per_s": rate, "pacing": pacing.as_dict(),
-                     **self.csv_phase(svc, streams, f"open-{rate:.0f}", interval + args.warmup)}
+            point = {
+                "offered_requests_per_s": rate,
+                "pacing": pacing.as_dict(),
+                **self.csv_phase(svc, streams, f"open-{rate:.0f}", interval + args.warmup),
+            }
             if point["requests_per_s"] < 0.95 * rate:
-                self.warn(f"open loop at {rate:.1f} req/s achieved only {point['requests_per_s']:.1f} req/s: workers "
-                          "were blocked by slow answers (raise --open-loop-interval) or the server fell behind")
+                self.warn(
+                    f"open loop at {rate:.1f} req/s achieved only {point['requests_per_s']:.1f} req/s: workers "
+                    "were blocked by slow answers (raise --open-loop-interval) or the server fell behind"
+                )
             lat = point["latency_ms"]
-            self.log(f"open loop {rate:.1f} req/s: achieved {point['requests_per_s']:.1f} req/s, "
-                     f"p50 {lat['p50'] or 0:.2f} ms, p99 {lat['p99'] or 0:.2f} ms")
+            self.log(
+                f"open loop {rate:.1f} req/s: achieved {point['requests_per_s']:.1f} req/s, "
+                f"p50 {lat['p50'] or 0:.2f} ms, p99 {lat['p99'] or 0:.2f} ms"
+            )
             points.append(point)
             time.sleep(0.5)
         return points
@@ -380,8 +504,9 @@ class Bench:
         """Closed loop at twice the largest batch: saturation throughput when no sweep ran in this run."""
         max_batch = int(svc.describe().get("batching", {}).get("max_batch_size", 32))
         c = max(8, 2 * max_batch // self.args.images_per_request)
-        streams = loadgen.closed_streams(self.bodies, c, self.args.warmup + self.args.duration, self.args.streams,
-                                         self.args.request_timeout)
+        streams = loadgen.closed_streams(
+            self.bodies, c, self.args.warmup + self.args.duration, self.args.streams, self.args.request_timeout
+        )
         point = {"concurrency": c, **self.csv_phase(svc, streams, f"saturation-c{c}", self.args.warmup)}
         self.log(f"saturation probe c={c}: {point['throughput_images_per_s']:.1f} images/s")
         return point
@@ -389,15 +514,18 @@ class Bench:
     def overload(self, svc: Service, saturation: dict[str, Any]) -> dict[str, Any]:
         args = self.args
         info = svc.describe()
-        capacity = float(info.get("batching", {}).get("max_queue_size") or
-                         svc.scrape().value("igcv2_queue_capacity", model=svc.model))
+        capacity = float(
+            info.get("batching", {}).get("max_queue_size")
+            or svc.scrape().value("igcv2_queue_capacity", model=svc.model)
+        )
         max_batch = int(info.get("batching", {}).get("max_batch_size", 1))
         sat = saturation["throughput_images_per_s"]
         pacing = None
         if args.overload_concurrency:
             kind, workers = "closed loop, immediate retry on 503", args.overload_concurrency
-            streams = loadgen.closed_streams(self.bodies, workers, args.overload_duration, args.streams,
-                                             args.request_timeout, csv=False)
+            streams = loadgen.closed_streams(
+                self.bodies, workers, args.overload_duration, args.streams, args.request_timeout, csv=False
+            )
         else:
             # Little's law: about `capacity` requests sit in the full queue at any time, and their
             # workers skip ticks; the workers beyond those offer the rate. Connections are capped.
@@ -406,11 +534,20 @@ class Bench:
             queued = math.ceil(capacity / args.images_per_request)
             interval = min(1.0, max(0.05, (args.max_workers - queued) / rate))
             workers = min(args.max_workers, math.ceil(rate * interval) + queued)
-            streams, p = loadgen.paced_streams(self.bodies, workers, interval, args.overload_duration,
-                                               args.open_loop_streams, args.request_timeout, csv=False)
+            streams, p = loadgen.paced_streams(
+                self.bodies,
+                workers,
+                interval,
+                args.overload_duration,
+                args.open_loop_streams,
+                args.request_timeout,
+                csv=False,
+            )
             pacing = {**p.as_dict(), "target_rate": rate}
-        self.log(f"overload ({kind}): {workers} workers for {args.overload_duration:.0f}s "
-                 f"(queue capacity {capacity:.0f}, saturation {sat:.1f} images/s)")
+        self.log(
+            f"overload ({kind}): {workers} workers for {args.overload_duration:.0f}s "
+            f"(queue capacity {capacity:.0f}, saturation {sat:.1f} images/s)"
+        )
         r0 = svc.reading()
         sampler = Sampler(svc, args.sample_interval, probe=self.bodies[0]).start()
         try:
@@ -424,8 +561,11 @@ class Bench:
         offered = sum(r.answered / r.total_s for r in results if r.total_s)
         seconds = max(r.total_s for r in results)
         depth = queue_stats(sampler.samples, capacity)
-        rss = rss_stats(r0.metrics.value("process_resident_memory_bytes"),
-                        r_end.metrics.value("process_resident_memory_bytes"), sampler.samples)
+        rss = rss_stats(
+            r0.metrics.value("process_resident_memory_bytes"),
+            r_end.metrics.value("process_resident_memory_bytes"),
+            sampler.samples,
+        )
         probes = [s for s, _ in sampler.probes]
         shed_probes = [(s, h) for s, h in sampler.probes if s in (429, 503)]
         unexpected = {c: n for c, n in phase["codes"].items() if int(c) not in (200, *report.SHED_CODES)}
@@ -438,38 +578,54 @@ class Bench:
         bracket = (sat + after) / 2
         goodput_ratio = goodput / bracket if bracket else None
         out = {
-            "kind": kind, "seconds": seconds, "workers": workers, "pacing": pacing,
-            "images_per_request": args.images_per_request, "offered_requests_per_s": offered,
+            "kind": kind,
+            "seconds": seconds,
+            "workers": workers,
+            "pacing": pacing,
+            "images_per_request": args.images_per_request,
+            "offered_requests_per_s": offered,
             "offered_vs_saturation": offered * args.images_per_request / sat if sat else None,
             "offered_requests_per_s_steady": steady_rate(sampler.samples, 4),
             # Steady state (middle 80% of the run, server's images counter), as saturation is measured
             # after a warm-up; the client's count of 200s over the whole run, start and drain included, too.
-            "goodput_images_per_s": goodput, "goodput_images_per_s_whole_run": ok,
-            "saturation_images_per_s": bracket, "saturation_before_after_images_per_s": [sat, after],
+            "goodput_images_per_s": goodput,
+            "goodput_images_per_s_whole_run": ok,
+            "saturation_images_per_s": bracket,
+            "saturation_before_after_images_per_s": [sat, after],
             "saturation_concurrency": saturation["concurrency"],
             **phase,
             "unexpected_codes": unexpected,
             "server": report.server_delta(r0, r_end, svc.model),
-            "queue_depth": depth, "requests_in_progress": in_progress_stats(sampler.samples), "rss": rss,
-            "retry_after": {"probes": len(probes), "shed": len(shed_probes),
-                            "codes": report.merge_codes({s: probes.count(s) for s in set(probes)}),
-                            "all_present": all(h for _, h in shed_probes)},
-            "alive_after": svc.alive(), "recovered_after": recovered,
+            "queue_depth": depth,
+            "requests_in_progress": in_progress_stats(sampler.samples),
+            "rss": rss,
+            "retry_after": {
+                "probes": len(probes),
+                "shed": len(shed_probes),
+                "codes": report.merge_codes({s: probes.count(s) for s in set(probes)}),
+                "all_present": all(h for _, h in shed_probes),
+            },
+            "alive_after": svc.alive(),
+            "recovered_after": recovered,
             "rss_after_idle_mib": r1.metrics.value("process_resident_memory_bytes") / MIB,
         }
         out["targets"] = {
             "every_request_answered": {"met": not phase["transport_errors"] and not unexpected and svc.alive()},
             "goodput_vs_saturation": report.ratio(goodput_ratio, 0.9, True),
             "queue_bounded": {"met": depth["max"] is not None and depth["max"] <= capacity},
-            "queue_held_at_bound": {"met": depth["median"] is not None and depth["median"] >= capacity - max_batch,
-                                    "rule": "median depth >= capacity - max_batch_size"},
+            "queue_held_at_bound": {
+                "met": depth["median"] is not None and depth["median"] >= capacity - max_batch,
+                "rule": "median depth >= capacity - max_batch_size",
+            },
             "rss_growth": report.ratio(rss["growth"], 0.10, False),
             "retry_after_on_shed": {"met": all(h for _, h in shed_probes) if shed_probes else None},
         }
-        self.log(f"overload: goodput {goodput:.1f} images/s = {goodput_ratio or 0:.3f} x saturation {bracket:.1f} "
-                 f"(probes {sat:.1f} before, {after:.1f} after); codes "
-                 f"{phase['codes']}; transport errors {sum(phase['transport_errors'].values())}; queue median "
-                 f"{depth['median']} of {capacity:.0f}; RSS growth {100 * (rss['growth'] or 0):.1f}%")
+        self.log(
+            f"overload: goodput {goodput:.1f} images/s = {goodput_ratio or 0:.3f} x saturation {bracket:.1f} "
+            f"(probes {sat:.1f} before, {after:.1f} after); codes "
+            f"{phase['codes']}; transport errors {sum(phase['transport_errors'].values())}; queue median "
+            f"{depth['median']} of {capacity:.0f}; RSS growth {100 * (rss['growth'] or 0):.1f}%"
+        )
         return out
 
     def soak(self, svc: Service) -> dict[str, Any]:
@@ -482,8 +638,9 @@ class Bench:
                 workers = max(1, args.soak_concurrency // (1 if cls.body.images == 1 else 2))
                 streams.append(Stream(cls.body, workers, args.soak_duration, None, False, args.request_timeout))
             else:
-                streams.append(Stream(cls.body, 1, args.soak_duration, args.soak_invalid_rate, False,
-                                      args.request_timeout))
+                streams.append(
+                    Stream(cls.body, 1, args.soak_duration, args.soak_invalid_rate, False, args.request_timeout)
+                )
         self.log(f"soak: {len(streams)} kinds of traffic for {args.soak_duration:.0f}s")
         r0 = svc.reading()
         sampler = Sampler(svc, args.sample_interval).start()
@@ -500,21 +657,32 @@ class Bench:
             unexpected += sum(wrong.values())
             kinds[cls.body.name] = {**s, "expected": list(expected[cls.body.name]), "unexpected": wrong}
         valid_p99 = [k["latency_ms"].get("p99") for k in kinds.values() if k["expected"] == [200]]
-        rss = rss_stats(r0.metrics.value("process_resident_memory_bytes"),
-                        r_end.metrics.value("process_resident_memory_bytes"), sampler.samples)
+        rss = rss_stats(
+            r0.metrics.value("process_resident_memory_bytes"),
+            r_end.metrics.value("process_resident_memory_bytes"),
+            sampler.samples,
+        )
         seconds = max(r.total_s for r in results)
         out = {
-            "seconds": seconds, "requests": phase["requests_answered"] + sum(phase["transport_errors"].values()),
-            "codes": phase["codes"], "transport_errors": phase["transport_errors"], "unexpected": unexpected,
+            "seconds": seconds,
+            "requests": phase["requests_answered"] + sum(phase["transport_errors"].values()),
+            "codes": phase["codes"],
+            "transport_errors": phase["transport_errors"],
+            "unexpected": unexpected,
             "server_errors": {c: n for c, n in phase["codes"].items() if int(c) >= 500 and int(c) not in (503, 504)},
             "valid_p99_ms": max((v for v in valid_p99 if v is not None), default=None),
-            "kinds": kinds, "server": report.server_delta(r0, r_end, svc.model), "rss": rss,
-            "loadgen_cores": phase["loadgen_cores"], "alive_after": svc.alive(),
+            "kinds": kinds,
+            "server": report.server_delta(r0, r_end, svc.model),
+            "rss": rss,
+            "loadgen_cores": phase["loadgen_cores"],
+            "alive_after": svc.alive(),
             "recovered_after": recovery_check(svc, self.bodies[0]),
         }
         p99 = "-" if out["valid_p99_ms"] is None else f"{out['valid_p99_ms']:.1f}"  # hey gives p99 from 100 answers
-        self.log(f"soak: {out['requests']} requests, codes {out['codes']}, unexpected {unexpected}, "
-                 f"valid p99 {p99} ms, RSS growth {100 * (rss['growth'] or 0):.1f}%")
+        self.log(
+            f"soak: {out['requests']} requests, codes {out['codes']}, unexpected {unexpected}, "
+            f"valid p99 {p99} ms, RSS growth {100 * (rss['growth'] or 0):.1f}%"
+        )
         return out
 
     # ----- the run -----
@@ -539,11 +707,14 @@ class Bench:
                 result["soak"] = self.soak(svc)
         if "throughput" in modes:
             with self.start_service("no_batching", {"IGCV2_MAX_BATCH_SIZE": "1"}) as svc:
-                result["no_batching"] = {"server": svc.describe(), "startup_s": svc.startup_s,
-                                         "sweep": self.sweep(svc, "no_batching",
-                                                             args.no_batching_concurrency or args.concurrency)}
-            result["ratios"] = report.ratios(result["ceiling"], result["batching"]["sweep"],
-                                             result["no_batching"]["sweep"])
+                result["no_batching"] = {
+                    "server": svc.describe(),
+                    "startup_s": svc.startup_s,
+                    "sweep": self.sweep(svc, "no_batching", args.no_batching_concurrency or args.concurrency),
+                }
+            result["ratios"] = report.ratios(
+                result["ceiling"], result["batching"]["sweep"], result["no_batching"]["sweep"]
+            )
             for name, r in result["ratios"].items():
                 if r.get("note"):
                     self.warn(f"{name}: {r['note']}")
@@ -585,9 +756,15 @@ def queue_stats(samples: list[Sample], capacity: float) -> dict[str, Any]:
     if not samples:
         return {"capacity": capacity, "samples": 0, "median": None, "p10": None, "max": None, "mean": None}
     depths = [s[1] for s in middle(samples)]
-    return {"capacity": capacity, "samples": len(samples), "median": float(np.median(depths)),
-            "p10": float(np.percentile(depths, 10)), "mean": float(np.mean(depths)),
-            "max": float(max(s[1] for s in samples)), "series": [[round(s[0], 2), s[1]] for s in samples]}
+    return {
+        "capacity": capacity,
+        "samples": len(samples),
+        "median": float(np.median(depths)),
+        "p10": float(np.percentile(depths, 10)),
+        "mean": float(np.mean(depths)),
+        "max": float(max(s[1] for s in samples)),
+        "series": [[round(s[0], 2), s[1]] for s in samples],
+    }
 
 
 def in_progress_stats(samples: list[Sample]) -> dict[str, float | None]:
@@ -608,9 +785,13 @@ def steady_rate(samples: list[Sample], column: int = 3) -> float | None:
 
 def rss_stats(start: float, end: float, samples: list[Sample]) -> dict[str, Any]:
     peak = max([start, end, *(s[2] for s in samples)])
-    return {"start_mib": start / MIB, "end_mib": end / MIB, "max_mib": peak / MIB,
-            "growth": (end - start) / start if start else None,
-            "series_mib": [[round(s[0], 2), round(s[2] / MIB, 1)] for s in samples]}
+    return {
+        "start_mib": start / MIB,
+        "end_mib": end / MIB,
+        "max_mib": peak / MIB,
+        "growth": (end - start) / start if start else None,
+        "series_mib": [[round(s[0], 2), round(s[2] / MIB, 1)] for s in samples],
+    }
 
 
 def recovery_check(svc: Service, body: Body, timeout: float = 30.0) -> bool:

@@ -230,8 +230,18 @@ class GpuUtilization:
     def __init__(self, interval_ms: int = 100) -> None:
         self.samples: list[tuple[float, float]] = []
         self.process = subprocess.Popen(
-            ["nvidia-smi", "-i", "0", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-             f"-lms={interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [
+                "nvidia-smi",
+                "-i",
+                "0",
+                "--query-gpu=utilization.gpu",
+                "--format=csv,noheader,nounits",
+                f"-lms={interval_ms}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

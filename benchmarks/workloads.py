@@ -24,8 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_STORE = ROOT / "model_store"
 BOUNDARY = "igcv2-benchmark-boundary"
 # Colour photographs shipped inside scikit-image (no download needed).
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "stereo_motorcycle")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "stereo_motorcycle",
+)
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CONFIG_FILE = "config.json"
 
@@ -49,7 +57,8 @@ class Workload:
 def encode(array: np.ndarray, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array).save(
-        buffer, format=fmt, **options)
+        buffer, format=fmt, **options
+    )
     return buffer.getvalue()
 
 
@@ -58,8 +67,10 @@ def fashion_pngs(n: int) -> list[tuple[str, bytes]]:
     from igcv2.data import load_dataset
 
     data = load_dataset("fashion-mnist", "test").subset(n)
-    return [(f"fashion-{i:03d}-{data.classes[int(label)].replace('/', '-').replace(' ', '_')}.png", encode(img, "PNG"))
-            for i, (img, label) in enumerate(zip(data.images, data.labels, strict=True))]
+    return [
+        (f"fashion-{i:03d}-{data.classes[int(label)].replace('/', '-').replace(' ', '_')}.png", encode(img, "PNG"))
+        for i, (img, label) in enumerate(zip(data.images, data.labels, strict=True))
+    ]
 
 
 def photo_jpegs(n: int, size: tuple[int, int] | None = None) -> list[tuple[str, bytes]]:
@@ -94,9 +105,13 @@ def untrained_fashion(store: Path) -> Path:
 
     if not versions(store / "igcv2-fashion"):
         save_artifact(
-            build("igcv2_fashion"), store / "igcv2-fashion", name="igcv2-fashion",
-            architecture={"builder": "igcv2_fashion", "kwargs": {}}, labels=FASHION_MNIST_LABELS,
-            input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]}, untrained=True,
+            build("igcv2_fashion"),
+            store / "igcv2-fashion",
+            name="igcv2-fashion",
+            architecture={"builder": "igcv2_fashion", "kwargs": {}},
+            labels=FASHION_MNIST_LABELS,
+            input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]},
+            untrained=True,
         )
     return store
 
@@ -112,17 +127,26 @@ def untrained_imagenet(store: Path, name: str = "igcv2-imagenet-untrained") -> P
         builder, kwargs, (channels, height, width) = PRESETS["imagenet-1.0"]
         torch.manual_seed(0)
         save_artifact(
-            build(builder, **kwargs), store / name, name=name, architecture={"builder": builder, "kwargs": kwargs},
+            build(builder, **kwargs),
+            store / name,
+            name=name,
+            architecture={"builder": builder, "kwargs": kwargs},
             labels=[f"untrained-{i:04d}" for i in range(1000)],
-            input_spec={"height": height, "width": width, "channels": channels, "mean": IMAGENET_MEAN,
-                        "std": IMAGENET_STD},
+            input_spec={
+                "height": height,
+                "width": width,
+                "channels": channels,
+                "mean": IMAGENET_MEAN,
+                "std": IMAGENET_STD,
+            },
             untrained=True,
         )
     return store
 
 
-def prepare(model: str, store: Path | None, out: Path, n_images: int,
-            photo_size: tuple[int, int] | None = None) -> Workload:
+def prepare(
+    model: str, store: Path | None, out: Path, n_images: int, photo_size: tuple[int, int] | None = None
+) -> Workload:
     """Images on disk and the store holding the model; nothing is ever written to model_store/."""
     if model == "fashion":
         if store is None:
@@ -130,9 +154,12 @@ def prepare(model: str, store: Path | None, out: Path, n_images: int,
         return Workload("igcv2-fashion", store, write_images(fashion_pngs(n_images), out / "images"), "image/png")
     if model == "imagenet":
         store = untrained_imagenet(store or out / "store")
-        return Workload("igcv2-imagenet-untrained", store, write_images(photo_jpegs(n_images, photo_size),
-                                                                         out / "images"),
-                        "image/jpeg")
+        return Workload(
+            "igcv2-imagenet-untrained",
+            store,
+            write_images(photo_jpegs(n_images, photo_size), out / "images"),
+            "image/jpeg",
+        )
     raise ValueError(f"unknown model workload {model!r} (fashion or imagenet)")
 
 
@@ -153,8 +180,10 @@ def multipart(parts: list[tuple[str, bytes, str]]) -> bytes:
     """A multipart/form-data body with one ``file`` part per (filename, data, content type)."""
     out = io.BytesIO()
     for filename, data, content_type in parts:
-        out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-                  f"Content-Type: {content_type}\r\n\r\n".encode())
+        out.write(
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n".encode()
+        )
         out.write(data)
         out.write(b"\r\n")
     out.write(f"--{BOUNDARY}--\r\n".encode())

@@ -232,4 +232,3 @@ def save_artifact(
         shutil.rmtree(tmp, ignore_errors=True)  # an invalid name or spec leaves no half-written folder behind
         raise
     return target
-

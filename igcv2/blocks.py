@@ -116,8 +116,7 @@ class IGCV2Block(nn.Module):
         last_groups = channels // branches[-1]
         if out_channels % last_groups:
             raise ValueError(
-                f"out_channels={out_channels} must be a multiple of the last conv's "
-                f"{last_groups} groups (C/K_L)"
+                f"out_channels={out_channels} must be a multiple of the last conv's {last_groups} groups (C/K_L)"
             )
         self.channels = channels
         self.out_channels = out_channels

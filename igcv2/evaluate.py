@@ -1,6 +1,6 @@
 """Evaluate a model store artifact on a dataset split; prints top-1 and writes nothing.
 
-    python -m igcv2.evaluate model_store/igcv2-fashion/1 --dataset fashion-mnist --split test [--json]
+python -m igcv2.evaluate model_store/igcv2-fashion/1 --dataset fashion-mnist --split test [--json]
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"top1": accuracy, "n": len(data)}))
     else:
-        print(f"{artifact.config.name} v{artifact.config.version} on {args.dataset} {args.split}: "
-              f"top-1 {accuracy:.4f} ({len(data)} images)")
+        print(
+            f"{artifact.config.name} v{artifact.config.version} on {args.dataset} {args.split}: "
+            f"top-1 {accuracy:.4f} ({len(data)} images)"
+        )
     return 0
 
 

@@ -153,9 +153,7 @@ IMAGENET_WIDTHS: dict[float, tuple[int, tuple[int, int, int, int, int]]] = {
 }
 
 
-def igcv2_imagenet(
-    width_mult: float = 1.0, num_classes: int = 1000, in_channels: int = 3, **kwargs: Any
-) -> IGCV2Net:
+def igcv2_imagenet(width_mult: float = 1.0, num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> IGCV2Net:
     """MobileNetV1-shaped ImageNet network (no residuals, stride-2 stem, 224x224 input)."""
     if width_mult not in IMAGENET_WIDTHS:
         raise ValueError(f"width_mult must be one of {sorted(IMAGENET_WIDTHS)}, got {width_mult}")

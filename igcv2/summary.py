@@ -1,6 +1,6 @@
 """Print every preset's parameters, multiply-adds and input size (``--json`` for machines).
 
-    python -m igcv2.summary [--json]
+python -m igcv2.summary [--json]
 """
 
 from __future__ import annotations
@@ -17,10 +17,16 @@ def preset_table() -> list[dict[str, object]]:
     rows = []
     for name, (builder, kwargs, size) in PRESETS.items():
         model = build(builder, **kwargs)
-        rows.append({
-            "preset": name, "builder": builder, "kwargs": kwargs, "input": list(size),
-            "params": count_params(model), "macs": count_macs(model, size),
-        })
+        rows.append(
+            {
+                "preset": name,
+                "builder": builder,
+                "kwargs": kwargs,
+                "input": list(size),
+                "params": count_params(model),
+                "macs": count_macs(model, size),
+            }
+        )
     return rows
 
 

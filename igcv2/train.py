@@ -83,8 +83,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="model name (default: the --out folder name)")
     p.add_argument("--builder", choices=sorted(BUILDERS), default=None)
     p.add_argument("--builder-kwargs", type=json.loads, default={}, help="JSON object of builder arguments")
-    p.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
-                   help="input size for image folders (default 3 32 32)")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar=("C", "H", "W"),
+        help="input size for image folders (default 3 32 32)",
+    )
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the one-cycle schedule")
@@ -96,10 +102,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=non_negative, default=None, help="evaluate on the first N test examples only")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:n]")
-    p.add_argument("--channels-last", action="store_true",
-                   help="train in channels_last memory format (faster for L = 2 blocks on CPU, slower for L = 3)")
-    p.add_argument("--init-from", type=Path, default=None,
-                   help="fine-tune: start from this artifact's architecture, weights and normalisation")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="train in channels_last memory format (faster for L = 2 blocks on CPU, slower for L = 3)",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="fine-tune: start from this artifact's architecture, weights and normalisation",
+    )
     return p.parse_args(argv)
 
 
@@ -107,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
     command = "python -m igcv2.train " + shlex.join(sys.argv[1:] if argv is None else argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -146,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         (no_decay if param.ndim <= 1 else decay).append(param)  # no decay on BN and biases
     optimizer = torch.optim.SGD(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, momentum=args.momentum, nesterov=True,
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=True,
     )
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -166,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         differing = [f"{k} {state.get(k)!r} (now {v!r})" for k, v in recipe.items() if state.get(k) != v]
         if differing:
-            print(f"error: {checkpoint_path} belongs to a different run: {', '.join(differing)}; "
-                  "delete it to start over", file=sys.stderr)
+            print(
+                f"error: {checkpoint_path} belongs to a different run: {', '.join(differing)}; delete it to start over",
+                file=sys.stderr,
+            )
             return 2
         network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -186,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         seen = correct = 0
         loss_sum = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                   dynamic_ncols=True, mininterval=5.0 if not sys.stderr.isatty() else 0.1)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            unit="batch",
+            dynamic_ncols=True,
+            mininterval=5.0 if not sys.stderr.isatty() else 0.1,
+        )
         for i in bar:
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
@@ -205,17 +232,31 @@ def main(argv: list[str] | None = None) -> int:
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += loss.item() * len(y)
-            bar.set_postfix(refresh=False, loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.4f}")
+            bar.set_postfix(
+                refresh=False,
+                loss=f"{loss_sum / seen:.4f}",
+                acc=f"{correct / seen:.4f}",
+                lr=f"{optimizer.param_groups[0]['lr']:.4f}",
+            )
         bar.close()
         test_top1 = top1(model, test, device=str(device))
         elapsed = elapsed_before + time.time() - started
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-                        "test_top1": test_top1})
-        print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}, "
-              f"test top-1 {test_top1:.4f}, {elapsed / 60:.1f} min", flush=True)
-        state = {**recipe, "epoch": epoch + 1, "elapsed": elapsed, "model": network.state_dict(),
-                 "optimizer": optimizer.state_dict(), "history": history}
+        history.append(
+            {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_top1": correct / seen, "test_top1": test_top1}
+        )
+        print(
+            f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}, "
+            f"test top-1 {test_top1:.4f}, {elapsed / 60:.1f} min",
+            flush=True,
+        )
+        state = {
+            **recipe,
+            "epoch": epoch + 1,
+            "elapsed": elapsed,
+            "model": network.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "history": history,
+        }
         torch.save(state, checkpoint_path.with_suffix(".tmp"))
         os.replace(checkpoint_path.with_suffix(".tmp"), checkpoint_path)
 
@@ -223,19 +264,26 @@ def main(argv: list[str] | None = None) -> int:
     final_top1 = top1(model, test, device=str(device))
     wall = elapsed_before + time.time() - started
     target = save_artifact(
-        network.cpu(), args.out,
+        network.cpu(),
+        args.out,
         name=args.name or args.out.name,
         architecture={"builder": builder, "kwargs": kwargs},
         labels=train.classes,
         input_spec=spec.model_dump(),
         metrics={"dataset": args.dataset, "split": "test", "top1": final_top1, "n": len(test)},
         training={
-            "command": command, "epochs": args.epochs, "batch_size": args.batch_size,
+            "command": command,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
             "optimizer": f"SGD nesterov momentum={args.momentum} weight_decay={args.weight_decay}",
             "lr_schedule": f"one-cycle peak {args.lr} (linear warm-up 15%, cosine decay)",
             "augmentation": f"random-shift crop pad {pad}" + (", horizontal flip" if flip else ""),
-            "label_smoothing": args.label_smoothing, "seed": args.seed, "train_examples": len(train),
-            "device": str(device), "torch": torch.__version__, "wall_time_s": round(wall, 1),
+            "label_smoothing": args.label_smoothing,
+            "seed": args.seed,
+            "train_examples": len(train),
+            "device": str(device),
+            "torch": torch.__version__,
+            "wall_time_s": round(wall, 1),
             "history": history,
             **({"init_from": str(args.init_from), "base_training": base.config.training} if base else {}),
         },

@@ -57,7 +57,9 @@ def settings_help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m service", description=__doc__.splitlines()[0], epilog=settings_help(),
+        prog="python -m service",
+        description=__doc__.splitlines()[0],
+        epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:SOCKET_FD:SUPERVISOR_PID:REPLACEMENT
@@ -72,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid settings:\n{problems}", file=sys.stderr)
         return 2
     who = f" [worker {args.worker.split(':')[0]}]" if args.worker else ""
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s"
+    )
     if settings.workers > 1 and not args.worker:
         return Supervisor(settings).run()
     return serve(settings, args.worker)
@@ -98,9 +101,13 @@ def serve(settings: Settings, worker: str | None) -> int:
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     app = create_app(settings, me)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop",
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
         http=bounded_http(settings.max_header_bytes, settings.header_timeout_s, settings.body_timeout_s),
-        log_level=settings.log_level, access_log=False,
+        log_level=settings.log_level,
+        access_log=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # int seconds; never round 0.5 down to 0
     )
     try:

@@ -64,11 +64,18 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         """The service's own layers, outermost first (see :class:`ServiceApp`)."""
         inner = BodyLimit(inner, max_bytes=settings.max_body_bytes, idle_timeout_s=settings.body_timeout_s)
         inner = Shedding(inner, registry=registry, default_model=settings.default_model)
-        inner = ApiKey(inner, key=settings.api_key.get_secret_value() if settings.api_key else None,
-                       admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None)
+        inner = ApiKey(
+            inner,
+            key=settings.api_key.get_secret_value() if settings.api_key else None,
+            admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+        )
         inner = Draining(inner, is_draining=lambda: app.state.draining)
-        return RequestMetrics(inner, routes=lambda: app.router.routes, model_label=registry.known_model_label,
-                              default_model=settings.default_model)
+        return RequestMetrics(
+            inner,
+            routes=lambda: app.router.routes,
+            model_label=registry.known_model_label,
+            default_model=settings.default_model,
+        )
 
     app = ServiceApp(
         gate,

@@ -184,8 +184,9 @@ class DynamicBatcher:
             raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
         if n > self.max_queue_size:  # would never fit: retrying cannot help
             self.stats.record_failure(0.0)
-            raise TooLarge(f"{n} images in one request; this model version queues at most {self.max_queue_size} "
-                           "(max_queue_size)")
+            raise TooLarge(
+                f"{n} images in one request; this model version queues at most {self.max_queue_size} (max_queue_size)"
+            )
         if len(self._queue) + self._reserved + n > self.max_queue_size:
             self._rejected_full.inc(n)
             self.stats.record_failure(0.0)
@@ -231,8 +232,13 @@ class DynamicBatcher:
         self._reserved += n
         return n
 
-    async def submit(self, images: list[np.ndarray], deadline: float, reservation: Reservation | None = None,
-                     client: Client | None = None) -> list[np.ndarray]:
+    async def submit(
+        self,
+        images: list[np.ndarray],
+        deadline: float,
+        reservation: Reservation | None = None,
+        client: Client | None = None,
+    ) -> list[np.ndarray]:
         """Queue ``images`` (into the room ``reservation`` held) and wait for their outputs (one
         array per image), or raise 503/504, or 499 once ``client`` has left (its images withdrawn)."""
         if reservation is not None:
@@ -242,8 +248,12 @@ class DynamicBatcher:
         with self._changed:
             # An instance gathering a fuller batch (a short queue) plans to wake at _gather_until(); a
             # deadline that must end the gathering sooner wakes it.
-            urgent = bool(self.max_queue_delay_s and self._waiting and 0 < len(self._queue) < self.max_batch_size
-                          and deadline - self._longest_call < self._gather_until())
+            urgent = bool(
+                self.max_queue_delay_s
+                and self._waiting
+                and 0 < len(self._queue) < self.max_batch_size
+                and deadline - self._longest_call < self._gather_until()
+            )
             self._queue.extend(items)
             self._depth.set(len(self._queue))
             if self._waiting and (urgent or len(self._queue) >= min(self._waiting)):
@@ -264,20 +274,25 @@ class DynamicBatcher:
             self.stats.record_failure(time.monotonic() - items[0].arrival)
             if isinstance(exc, asyncio.CancelledError):
                 metrics.REJECTED.labels(**self._labels, reason="client_left").inc(uncomputed)
-                raise ClientLeft(f"the client left before its answer; {uncomputed} of {len(items)} images "
-                                 "never reached the model") from None
+                raise ClientLeft(
+                    f"the client left before its answer; {uncomputed} of {len(items)} images never reached the model"
+                ) from None
             if isinstance(exc, (TimeoutError, DeadlineExceeded)):
                 metrics.REJECTED.labels(**self._labels, reason="deadline").inc(uncomputed)
-                raise DeadlineExceeded(f"deadline passed before the answer; {uncomputed} of {len(items)} images "
-                                       "never reached the model") from exc
+                raise DeadlineExceeded(
+                    f"deadline passed before the answer; {uncomputed} of {len(items)} images never reached the model"
+                ) from exc
             raise
         finally:
             if client is not None:
                 client.on_leave(None)
         if items:
             batches = {item.computed for item in items if item.computed is not None}
-            self.stats.record_success(time.monotonic() - items[0].arrival, max(i.started - i.arrival for i in items),
-                                      sum(end - start for start, end in batches))
+            self.stats.record_success(
+                time.monotonic() - items[0].arrival,
+                max(i.started - i.arrival for i in items),
+                sum(end - start for start, end in batches),
+            )
         return outputs
 
     def _withdraw(self, items: list[_Item]) -> int:
@@ -372,8 +387,10 @@ class DynamicBatcher:
     def _gather_until(self) -> float:
         """The end of the wait for a fuller batch: the oldest image's delay, or sooner when a queued
         image's deadline would pass before a batch started then could be computed."""
-        return min(self._queue[0].arrival + self.max_queue_delay_s,
-                   min(item.deadline for item in self._queue) - self._longest_call)
+        return min(
+            self._queue[0].arrival + self.max_queue_delay_s,
+            min(item.deadline for item in self._queue) - self._longest_call,
+        )
 
     def _wait(self, depth: int, timeout: float | None = None) -> bool:
         """Wait, holding ``_changed``, until the queue holds ``depth`` images or close(); False on
@@ -425,8 +442,9 @@ class DynamicBatcher:
             self._queue.clear()
             self._depth.set(0)
         if computing:
-            log.warning("%d image(s) of %s still computing after %.1fs; answering 503",
-                        len(computing), self._labels, timeout)
+            log.warning(
+                "%d image(s) of %s still computing after %.1fs; answering 503", len(computing), self._labels, timeout
+            )
         for item in unanswered:
             if not item.future.done():
                 item.future.set_exception(Unavailable("shut down before this image was computed", 1))

@@ -27,88 +27,119 @@ class Settings(BaseSettings):
 
     # Models
     model_store: Path = Field(
-        Path("model_store"), description="Model store root: <name>/<version>/{config.json,model.safetensors}.")
+        Path("model_store"), description="Model store root: <name>/<version>/{config.json,model.safetensors}."
+    )
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Models to load, comma-separated 'name' (latest version) or 'name:version'; a name may be listed "
-                    "with several versions, served side by side (empty: every model, latest version).",
+        "with several versions, served side by side (empty: every model, latest version).",
     )
     default_model: str = Field("igcv2-fashion", description="Model used when a request names none.")
 
     # Runtime
     device: str = Field(
-        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-        description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+    )
     precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto: float16 on CUDA, float32 on CPU.")
+        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
     compile: bool = Field(True, description="Compile models with torch.compile (false: eager).")
     compile_mode: str = Field(
-        "auto", description="torch.compile mode; auto: 'reduce-overhead' (CUDA graphs) on CUDA, 'default' on CPU.")
+        "auto", description="torch.compile mode; auto: 'reduce-overhead' (CUDA graphs) on CUDA, 'default' on CPU."
+    )
     channels_last: bool = Field(
-        False, description="channels_last memory format on CUDA (ignored on CPU; slower for IGCV2's group "
-                           "convolutions on an H200, benchmarks/RESULTS.md).")
+        False,
+        description="channels_last memory format on CUDA (ignored on CPU; slower for IGCV2's group "
+        "convolutions on an H200, benchmarks/RESULTS.md).",
+    )
     cpus: int = Field(
-        0, ge=0, le=4096,
+        0,
+        ge=0,
+        le=4096,
         description="Cores this server may use, shared out among its workers; the thread pools are sized from it "
-                    "(0: the CPUs it may run on, capped by its cgroup's CPU quota such as docker --cpus; Kubernetes "
-                    "sets it from the pod's CPU request, which nothing in the container can see).")
+        "(0: the CPUs it may run on, capped by its cgroup's CPU quota such as docker --cpus; Kubernetes "
+        "sets it from the pod's CPU request, which nothing in the container can see).",
+    )
     cpu_threads: int = Field(0, ge=0, description="Intra-op threads for CPU inference (0: one per core but one).")
     instances: int = Field(1, ge=1, le=16, description="Model instances (inference threads) per model version.")
     gil_switch_interval_ms: float = Field(
-        0.1, gt=0, le=100,
+        0.1,
+        gt=0,
+        le=100,
         description="Python's GIL switch interval (CPython's own default: 5 ms): the longest the event loop keeps the "
-                    "GIL while an inference thread waits to get it back after a kernel.")
+        "GIL while an inference thread waits to get it back after a kernel.",
+    )
 
     # Batching
     max_batch_size: int = Field(32, ge=1, le=1024, description="Largest batch; buckets are 1, 2, 4, ... up to it.")
     max_queue_delay_ms: float = Field(
-        0.0, ge=0, le=10_000,
+        0.0,
+        ge=0,
+        le=10_000,
         description="Longest a queued image waits for companions, from the oldest one's arrival, and never so "
-                    "long that a queued request's deadline leaves no time to compute it "
-                    "(0: dispatch at once when the worker is idle; batches still form while it is busy).")
+        "long that a queued request's deadline leaves no time to compute it "
+        "(0: dispatch at once when the worker is idle; batches still form while it is busy).",
+    )
     max_queue_size: int = Field(256, ge=1, description="Images queued per model version before new requests get 503.")
     request_timeout_s: float = Field(
-        30.0, gt=0,
-        description="Deadline per request (X-Request-Timeout overrides); expired images are never computed.")
+        30.0, gt=0, description="Deadline per request (X-Request-Timeout overrides); expired images are never computed."
+    )
 
     # Limits on input
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image, width*height (413 above).")
     max_images_per_request: int = Field(64, ge=1, description="Most images in one request (413 above).")
     max_header_bytes: int = Field(
-        64 * 1024, ge=1024, description="Largest request line and headers together (414 for a longer request "
-                                        "target alone, 431 otherwise).")
+        64 * 1024,
+        ge=1024,
+        description="Largest request line and headers together (414 for a longer request target alone, 431 otherwise).",
+    )
     header_timeout_s: float = Field(
-        30.0, gt=0, description="Longest a request line and headers may take to arrive (408 after; an idle new "
-                                "connection is closed).")
+        30.0,
+        gt=0,
+        description="Longest a request line and headers may take to arrive (408 after; an idle new "
+        "connection is closed).",
+    )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="Longest pause while a request body arrives (408 after, and the connection is "
-                                "closed); a pause, not a total, so a large upload on a slow link still arrives.")
+        30.0,
+        gt=0,
+        description="Longest pause while a request body arrives (408 after, and the connection is "
+        "closed); a pause, not a total, so a large upload on a slow link still arrives.",
+    )
     decode_threads: int = Field(0, ge=0, description="Threads decoding images (0: one per core, at least 2).")
     inline_decode_pixels: int = Field(
-        16_384, ge=0,
+        16_384,
+        ge=0,
         description="Images of at most this many pixels decode on the event loop, larger ones in the decode "
         "threads (a thread hand-off costs more than decoding a small image; 0: always threads).",
     )
 
     # Security
     api_key: SecretStr | None = Field(
-        None, description="When set, every route but health and metrics needs 'Authorization: Bearer <key>'.")
+        None, description="When set, every route but health and metrics needs 'Authorization: Bearer <key>'."
+    )
     admin_key: SecretStr | None = Field(
-        None, description="When set, model load/unload needs 'Authorization: Bearer <admin key>'.")
+        None, description="When set, model load/unload needs 'Authorization: Bearer <admin key>'."
+    )
 
     # Server
     host: str = Field("127.0.0.1", description="Address to listen on (the container uses 0.0.0.0).")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     workers: int = Field(
-        1, ge=1, le=64,
+        1,
+        ge=1,
+        le=64,
         description="Server processes sharing the port, each with its own event loop, GIL and copy of the models "
-                    "(a GPU host wants several: one process keeps a GPU mostly idle); each accepts connections once "
-                    "its models are warm, metrics cover them all; above 1, model load/unload through the control "
-                    "routes is off.")
+        "(a GPU host wants several: one process keeps a GPU mostly idle); each accepts connections once "
+        "its models are warm, metrics cover them all; above 1, model load/unload through the control "
+        "routes is off.",
+    )
     shutdown_timeout_s: float = Field(
-        30.0, gt=0, description="On SIGTERM, how long to finish queued work before exiting.")
+        30.0, gt=0, description="On SIGTERM, how long to finish queued work before exiting."
+    )
 
     @field_validator("api_key", "admin_key")
     @classmethod
@@ -137,11 +168,14 @@ class Settings(BaseSettings):
     def batching_for(self, serving: dict[str, Any]) -> dict[str, Any]:
         """Batching settings for one model: defaults < the model's ``serving`` section < explicit env."""
         if unknown := sorted(set(serving) - set(BATCHING_FIELDS)):  # a typo, or a setting only the operator sets
-            raise ValueError(f"invalid serving section in config.json: {', '.join(map(repr, unknown))} not "
-                             f"allowed; it may set {', '.join(BATCHING_FIELDS)}")
+            raise ValueError(
+                f"invalid serving section in config.json: {', '.join(map(repr, unknown))} not "
+                f"allowed; it may set {', '.join(BATCHING_FIELDS)}"
+            )
         merged = {name: getattr(self, name) for name in BATCHING_FIELDS}
-        overrides = {name: serving[name] for name in BATCHING_FIELDS
-                     if name in serving and name not in self.model_fields_set}
+        overrides = {
+            name: serving[name] for name in BATCHING_FIELDS if name in serving and name not in self.model_fields_set
+        }
         try:  # the same bounds as the IGCV2_* variables: an artifact cannot ask for a batch of 0
             checked = _ServingSection.model_validate(overrides)
         except ValidationError as exc:
@@ -171,8 +205,8 @@ class Settings(BaseSettings):
 
 
 _ServingSection = create_model(
-    "ServingSection", **{name: (Settings.model_fields[name].annotation, Settings.model_fields[name])
-                         for name in BATCHING_FIELDS},
+    "ServingSection",
+    **{name: (Settings.model_fields[name].annotation, Settings.model_fields[name]) for name in BATCHING_FIELDS},
 )
 
 

@@ -89,8 +89,13 @@ class Engine:
         return [next(pooled) if isinstance(p, asyncio.Future) else p for p in parts]
 
     async def classify(
-        self, uploads: list[Upload], model: str | None, version: int | None, top_k: int | None,
-        timeout_s: float | None, client: Client,
+        self,
+        uploads: list[Upload],
+        model: str | None,
+        version: int | None,
+        top_k: int | None,
+        timeout_s: float | None,
+        client: Client,
     ) -> dict[str, Any]:
         """Top-``top_k`` predictions per upload (default: 5, or every class of a smaller model); the
         deadline runs from the ``client``'s arrival."""
@@ -107,10 +112,12 @@ class Engine:
         for upload, row in zip(uploads, logits, strict=True):
             probs = softmax(row.astype(np.float64))
             best = np.argsort(-probs, kind="stable")[:top_k]
-            results.append({
-                "filename": upload.filename,
-                "predictions": [{"label": labels[i], "class_id": int(i), "score": float(probs[i])} for i in best],
-            })
+            results.append(
+                {
+                    "filename": upload.filename,
+                    "predictions": [{"label": labels[i], "class_id": int(i), "score": float(probs[i])} for i in best],
+                }
+            )
         return {"model": served.name, "version": served.version, "results": results}
 
     # ----- Open Inference Protocol (/v2) -----
@@ -126,8 +133,10 @@ class Engine:
         tensor = oip.model_input(request, config.input)
         requested = oip.resolve_outputs(request)
         self.check_count(oip.batch_size(tensor))
-        with served.admitted(oip.batch_size(tensor), min(timeouts) if timeouts else None,
-                             client.arrival) as (deadline, room):
+        with served.admitted(oip.batch_size(tensor), min(timeouts) if timeouts else None, client.arrival) as (
+            deadline,
+            room,
+        ):
             if tensor.name == oip.ENCODED:
                 files = oip.encoded_images(tensor)
                 uploads = [Upload(f"{oip.ENCODED}[{i}]", None, f) for i, f in enumerate(files)]
@@ -136,8 +145,10 @@ class Engine:
                 images = oip.image_arrays(tensor)
             logits = np.stack(await served.infer(images, deadline, room, client))
         if not np.isfinite(logits).all():  # only far-out ``normalized`` values get here; JSON cannot carry inf/NaN
-            raise BadInput(f"the model's outputs overflow for this input: {oip.NORMALIZED!r} values lie far "
-                           "outside the range of a normalised image")
+            raise BadInput(
+                f"the model's outputs overflow for this input: {oip.NORMALIZED!r} values lie far "
+                "outside the range of a normalised image"
+            )
         values = {oip.LOGITS: logits, oip.PROBABILITIES: softmax(logits.astype(np.float64)).astype(np.float32)}
         outputs = oip.make_outputs(requested, values, config.labels)
         return oip.InferResponse(served.name, served.version, outputs, request.id)
@@ -154,15 +165,24 @@ class Engine:
     def repository_index(self, ready_only: bool = False) -> list[dict[str, Any]]:
         """Every version in the model store and every loaded one, with Triton's state names."""
         states = {State.READY: "READY", State.LOADING: "LOADING", State.FAILED: "UNAVAILABLE"}
-        entries = {(m.name, m.version): {"name": m.name, "version": str(m.version), "state": states[m.state],
-                                         "reason": m.reason or ""} for m in self.registry.all()}
+        entries = {
+            (m.name, m.version): {
+                "name": m.name,
+                "version": str(m.version),
+                "state": states[m.state],
+                "reason": m.reason or "",
+            }
+            for m in self.registry.all()
+        }
         store = self.registry.store
         folders = store.iterdir() if store.is_dir() else ()
         names = [p.name for p in folders if p.is_dir() and MODEL_NAME.fullmatch(p.name)]
         for name in names:
             for version in versions(store / name):
-                entries.setdefault((name, version), {"name": name, "version": str(version), "state": "UNAVAILABLE",
-                                                     "reason": "not loaded"})
+                entries.setdefault(
+                    (name, version),
+                    {"name": name, "version": str(version), "state": "UNAVAILABLE", "reason": "not loaded"},
+                )
         found = [entries[k] for k in sorted(entries)]
         return [e for e in found if e["state"] == "READY"] if ready_only else found
 
@@ -193,9 +213,11 @@ class Engine:
     def require_one_worker(self) -> None:
         """Each worker holds its own models, and a control request reaches only one of them."""
         if self.settings.workers > 1:
-            raise Conflict(f"model load/unload is off with IGCV2_WORKERS={self.settings.workers}: each worker "
-                           "process holds its own models and this request would change one of them; set "
-                           "IGCV2_MODELS and restart, or run one worker")
+            raise Conflict(
+                f"model load/unload is off with IGCV2_WORKERS={self.settings.workers}: each worker "
+                "process holds its own models and this request would change one of them; set "
+                "IGCV2_MODELS and restart, or run one worker"
+            )
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -178,7 +178,8 @@ class BoundedHttpTools(HttpToolsProtocol):
         body = json.dumps({"error": message}).encode()
         self.transport.write(
             f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+            + body
         )
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -187,5 +188,8 @@ class BoundedHttpTools(HttpToolsProtocol):
 
 def bounded_http(max_head_bytes: int, head_timeout_s: float, discard_timeout_s: float) -> type[BoundedHttpTools]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
-    return type("BoundedHttpTools", (BoundedHttpTools,), {
-        "max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s, "discard_timeout_s": discard_timeout_s})
+    return type(
+        "BoundedHttpTools",
+        (BoundedHttpTools,),
+        {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s, "discard_timeout_s": discard_timeout_s},
+    )

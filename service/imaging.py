@@ -72,8 +72,10 @@ def open_image(data: bytes, spec: InputSpec, max_pixels: int, name: str = "image
         scale = max(spec.width / max(width, 1), spec.height / max(height, 1))
         fitted = max(spec.width, round(width * scale)) * max(spec.height, round(height * scale))
         if fitted > max(max_pixels, spec.width * spec.height):
-            raise TooLarge(f"{name}: {width}x{height} would be resized to {fitted} pixels to fit the "
-                           f"{spec.width}x{spec.height} input; the limit is {max_pixels} pixels")
+            raise TooLarge(
+                f"{name}: {width}x{height} would be resized to {fitted} pixels to fit the "
+                f"{spec.width}x{spec.height} input; the limit is {max_pixels} pixels"
+            )
         return image
 
 

@@ -31,12 +31,15 @@ def batch_buckets(max_batch_size: int = 1024) -> tuple[float, ...]:
 
 
 REQUESTS = Counter(
-    "igcv2_requests", "HTTP requests answered, by route template, model and status code.",
+    "igcv2_requests",
+    "HTTP requests answered, by route template, model and status code.",
     ["endpoint", "model", "code"],
 )
 REQUEST_DURATION = Histogram(
-    "igcv2_request_duration_seconds", "End-to-end request latency inside the server.",
-    ["endpoint", "model", "code"], buckets=LATENCY_BUCKETS,
+    "igcv2_request_duration_seconds",
+    "End-to-end request latency inside the server.",
+    ["endpoint", "model", "code"],
+    buckets=LATENCY_BUCKETS,
 )
 IN_PROGRESS = Gauge(
     "igcv2_requests_in_progress",
@@ -45,32 +48,53 @@ IN_PROGRESS = Gauge(
 )
 IMAGES = Counter("igcv2_images", "Images classified (computed and answered).", ["model", "version"])
 PREPROCESS_DURATION = Histogram(
-    "igcv2_preprocess_duration_seconds", "Decode + resize time per image.", ["model"], buckets=LATENCY_BUCKETS,
+    "igcv2_preprocess_duration_seconds",
+    "Decode + resize time per image.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
 )
 QUEUE_DURATION = Histogram(
-    "igcv2_queue_duration_seconds", "Time an image waited in the batch queue.", ["model", "version"],
+    "igcv2_queue_duration_seconds",
+    "Time an image waited in the batch queue.",
+    ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )
 INFERENCE_DURATION = Histogram(
-    "igcv2_inference_duration_seconds", "Model forward time per batch (copy in, compute, copy out).",
-    ["model", "version"], buckets=LATENCY_BUCKETS,
+    "igcv2_inference_duration_seconds",
+    "Model forward time per batch (copy in, compute, copy out).",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
-    "igcv2_batch_size", "Images per batch run by the model (before padding to a bucket).",
-    ["model", "version"], buckets=batch_buckets(),
+    "igcv2_batch_size",
+    "Images per batch run by the model (before padding to a bucket).",
+    ["model", "version"],
+    buckets=batch_buckets(),
 )
-QUEUE_DEPTH = Gauge("igcv2_queue_depth", "Images waiting in the batch queue.", ["model", "version"],
-                    multiprocess_mode="livesum")
-QUEUE_CAPACITY = Gauge("igcv2_queue_capacity", "Bound of the batch queue (max_queue_size).", ["model", "version"],
-                       multiprocess_mode="livesum")
-MODEL_READY = Gauge("igcv2_model_ready", "1 when the model version is loaded and warmed up.", ["model", "version"],
-                    multiprocess_mode="livemin")
+QUEUE_DEPTH = Gauge(
+    "igcv2_queue_depth", "Images waiting in the batch queue.", ["model", "version"], multiprocess_mode="livesum"
+)
+QUEUE_CAPACITY = Gauge(
+    "igcv2_queue_capacity",
+    "Bound of the batch queue (max_queue_size).",
+    ["model", "version"],
+    multiprocess_mode="livesum",
+)
+MODEL_READY = Gauge(
+    "igcv2_model_ready",
+    "1 when the model version is loaded and warmed up.",
+    ["model", "version"],
+    multiprocess_mode="livemin",
+)
 WARMUP_DURATION = Gauge(
-    "igcv2_warmup_duration_seconds", "Time spent compiling and warming up every batch bucket.", ["model", "version"],
+    "igcv2_warmup_duration_seconds",
+    "Time spent compiling and warming up every batch bucket.",
+    ["model", "version"],
     multiprocess_mode="livemax",
 )
-DEVICE_MEMORY = Gauge("igcv2_device_memory_bytes", "CUDA memory allocated by the service.", ["device"],
-                      multiprocess_mode="livesum")
+DEVICE_MEMORY = Gauge(
+    "igcv2_device_memory_bytes", "CUDA memory allocated by the service.", ["device"], multiprocess_mode="livesum"
+)
 REJECTED = Counter(
     "igcv2_rejected_images",
     "Images refused or dropped before compute, by reason (queue_full, deadline, client_left); a request refused "

@@ -132,8 +132,9 @@ def _header_length(value: str | int | None, body_size: int) -> int:
     return size
 
 
-def parse_request(body: bytes, header_length: str | int | None = None,
-                  max_bytes_elements: int | None = None) -> InferRequest:
+def parse_request(
+    body: bytes, header_length: str | int | None = None, max_bytes_elements: int | None = None
+) -> InferRequest:
     """Parse an inference request: JSON only, or JSON followed by binary tensor data.
 
     Only the headers are checked here; each tensor's values are converted when first read (:class:`Tensor`).
@@ -156,8 +157,10 @@ def parse_request(body: bytes, header_length: str | int | None = None,
         offset += used
         inputs.append(tensor)
     if offset != len(binary):
-        raise BadInput(f"{len(binary)} bytes of binary data follow the JSON header but the inputs' "
-                       f"binary_data_size add up to {offset}")
+        raise BadInput(
+            f"{len(binary)} bytes of binary data follow the JSON header but the inputs' "
+            f"binary_data_size add up to {offset}"
+        )
     names = [t.name for t in inputs]
     if len(set(names)) != len(names):
         raise BadInput(f"input names must be unique, got {names}")
@@ -166,9 +169,12 @@ def parse_request(body: bytes, header_length: str | int | None = None,
     if request_id is not None and not isinstance(request_id, str):
         raise BadInput(f"'id' must be a string, got {type(request_id).__name__}")
     return InferRequest(
-        inputs=inputs, outputs=_parse_outputs(header.get("outputs")), id=request_id,
+        inputs=inputs,
+        outputs=_parse_outputs(header.get("outputs")),
+        id=request_id,
         binary_output=_flag(parameters, "binary_data_output", "request parameter"),
-        timeout_s=_timeout(parameters.get("timeout")), parameters=parameters,
+        timeout_s=_timeout(parameters.get("timeout")),
+        parameters=parameters,
     )
 
 
@@ -185,8 +191,10 @@ def _timeout(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIMEOUT_US:
         got = "a larger integer" if isinstance(value, int) and value.bit_length() > 64 else repr(value)[:60]
-        raise BadInput(f"request parameter 'timeout' must be an integer from 0 to {MAX_TIMEOUT_US} (microseconds: "
-                       f"an hour, as for X-Request-Timeout), got {got}")
+        raise BadInput(
+            f"request parameter 'timeout' must be an integer from 0 to {MAX_TIMEOUT_US} (microseconds: "
+            f"an hour, as for X-Request-Timeout), got {got}"
+        )
     return value / 1e6
 
 
@@ -196,8 +204,9 @@ def _parse_shape(raw: Any, where: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _parse_input(raw: dict[str, Any], index: int, binary: memoryview,
-                 max_bytes_elements: int | None) -> tuple[Tensor, int]:
+def _parse_input(
+    raw: dict[str, Any], index: int, binary: memoryview, max_bytes_elements: int | None
+) -> tuple[Tensor, int]:
     """One input tensor, and how many bytes of the binary section it took."""
     name = raw.get("name")
     if not isinstance(name, str) or not name:
@@ -209,8 +218,10 @@ def _parse_input(raw: dict[str, Any], index: int, binary: memoryview,
     shape = _parse_shape(raw.get("shape"), where)
     count = math.prod(shape)
     if datatype == "BYTES" and max_bytes_elements is not None and count > max_bytes_elements:
-        raise TooLarge(f"{where}: {count} BYTES elements; the limit is {max_bytes_elements} (one image each, "
-                       "IGCV2_MAX_IMAGES_PER_REQUEST)")
+        raise TooLarge(
+            f"{where}: {count} BYTES elements; the limit is {max_bytes_elements} (one image each, "
+            "IGCV2_MAX_IMAGES_PER_REQUEST)"
+        )
     parameters = _object(raw.get("parameters") or {}, f"{where} 'parameters'")
     if "shared_memory_region" in parameters:
         raise BadInput(f"{where}: the shared-memory extension is not supported; send the data in the request")
@@ -224,8 +235,10 @@ def _parse_input(raw: dict[str, Any], index: int, binary: memoryview,
             raise BadInput(f"{where}: binary_data_size {size} but only {len(binary)} bytes of binary data remain")
         dtype = DATATYPES[datatype]
         if dtype is not None and size != count * dtype.itemsize:
-            raise BadInput(f"{where}: {size} bytes of binary data, shape {list(shape)} of {datatype} needs "
-                           f"{count * dtype.itemsize}")
+            raise BadInput(
+                f"{where}: {size} bytes of binary data, shape {list(shape)} of {datatype} needs "
+                f"{count * dtype.itemsize}"
+            )
         return Tensor(name, datatype, shape, binary[:size], True, parameters), size
     if "data" not in raw:
         raise BadInput(f"{where}: no 'data' and no binary_data_size parameter")
@@ -239,8 +252,9 @@ def _from_binary(raw: bytes, datatype: str, shape: tuple[int, ...], where: str) 
         count = math.prod(shape)
         items = deserialize_bytes(raw, where, count)
         if len(items) != count:
-            raise BadInput(f"{where}: {len(items)} BYTES elements in the binary data; shape {list(shape)} "
-                           f"needs {count}")
+            raise BadInput(
+                f"{where}: {len(items)} BYTES elements in the binary data; shape {list(shape)} needs {count}"
+            )
         return _object_array(items, shape)
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
@@ -280,8 +294,10 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> 
     else:
         valid = all(isinstance(x, int | float) and not isinstance(x, bool) for x in flat)
     if not valid:
-        raise BadInput(f"{where}: every element of a {datatype} tensor must be a JSON "
-                       f"{'boolean' if dtype.kind == 'b' else 'integer' if dtype.kind in 'iu' else 'number'}")
+        raise BadInput(
+            f"{where}: every element of a {datatype} tensor must be a JSON "
+            f"{'boolean' if dtype.kind == 'b' else 'integer' if dtype.kind in 'iu' else 'number'}"
+        )
     try:
         return np.array(flat, dtype=dtype).reshape(shape)
     except OverflowError as exc:
@@ -415,12 +431,14 @@ def model_input(request: InferRequest, spec: InputSpec) -> Tensor:
         raise BadInput(f"input {tensor.name!r} must be {datatype}, got {tensor.datatype}")
     shape = tensor.shape
     if not shape or shape[0] < 1:
-        raise BadInput(f"input {tensor.name!r} holds no image: the first dimension is the batch size, "
-                       f"got shape {list(shape)}")
+        raise BadInput(
+            f"input {tensor.name!r} holds no image: the first dimension is the batch size, got shape {list(shape)}"
+        )
     if tensor.name == ENCODED:
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise BadInput(f"input {ENCODED!r} must have shape [N] or [N, 1] (one encoded image each), "
-                           f"got {list(shape)}")
+            raise BadInput(
+                f"input {ENCODED!r} must have shape [N] or [N, 1] (one encoded image each), got {list(shape)}"
+            )
     elif len(shape) != 1 + len(dims) or tuple(shape[1:]) != dims:
         raise BadInput(f"input {tensor.name!r} must have shape {[-1, *dims]} (batch first), got {list(shape)}")
     return tensor
@@ -447,8 +465,10 @@ def encoded_images(tensor: Tensor) -> list[bytes]:
     try:
         return [base64.b64decode(item, validate=True) for item in items]
     except (binascii.Error, ValueError) as exc:
-        raise BadInput(f"input {ENCODED!r}: JSON elements must be base64-encoded image files ({exc}); "
-                       "or send raw bytes with the binary data extension") from exc
+        raise BadInput(
+            f"input {ENCODED!r}: JSON elements must be base64-encoded image files ({exc}); "
+            "or send raw bytes with the binary data extension"
+        ) from exc
 
 
 def resolve_outputs(request: InferRequest) -> list[RequestedOutput]:
@@ -493,8 +513,11 @@ def make_outputs(
 def model_metadata(name: str, versions: list[int], config: ArtifactConfig) -> dict[str, Any]:
     """The protocol's model metadata: inputs and outputs with datatypes, batch dimension -1."""
     return {
-        "name": name, "versions": [str(v) for v in versions], "platform": PLATFORM,
-        "inputs": input_metadata(config.input), "outputs": output_metadata(len(config.labels)),
+        "name": name,
+        "versions": [str(v) for v in versions],
+        "platform": PLATFORM,
+        "inputs": input_metadata(config.input),
+        "outputs": output_metadata(len(config.labels)),
     }
 
 
@@ -510,12 +533,20 @@ def model_config(served: ServedModel) -> dict[str, Any]:
     runner = served.runners[0] if served.runners else None
     gpu = runner is not None and runner.device.type == "cuda"
     inputs = [
-        {"name": name, "data_type": f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}", "format": fmt,
-         "dims": list(dims), "optional": True}
+        {
+            "name": name,
+            "data_type": f"TYPE_{'STRING' if datatype == 'BYTES' else datatype}",
+            "format": fmt,
+            "dims": list(dims),
+            "optional": True,
+        }
         for name, (datatype, dims, fmt) in input_layouts(config.input).items()
     ]
-    group: dict[str, Any] = {"name": served.name, "kind": "KIND_GPU" if gpu else "KIND_CPU",
-                             "count": batching["instances"]}
+    group: dict[str, Any] = {
+        "name": served.name,
+        "kind": "KIND_GPU" if gpu else "KIND_CPU",
+        "count": batching["instances"],
+    }
     if gpu and runner is not None:
         group["gpus"] = [runner.device.index or 0]
     parameters = {"mean": config.input.mean, "std": config.input.std, "labels": config.labels}

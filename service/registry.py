@@ -84,8 +84,9 @@ class ServedModel:
         finally:
             room.release()  # a no-op once the images were queued
 
-    async def infer(self, images: list[np.ndarray], deadline: float, room: Reservation | None = None,
-                    client: Client | None = None) -> list[np.ndarray]:
+    async def infer(
+        self, images: list[np.ndarray], deadline: float, room: Reservation | None = None, client: Client | None = None
+    ) -> list[np.ndarray]:
         """Logits for each image, through the shared dynamic batcher (into ``room``, from :meth:`admitted`;
         withdrawn if ``client`` leaves first)."""
         if self.state is not State.READY or self.batcher is None:
@@ -93,18 +94,36 @@ class ServedModel:
         return await self.batcher.submit(images, deadline, room, client)
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"name": self.name, "version": self.version, "state": str(self.state),
-                                "ready": self.state is State.READY, "reason": self.reason}
+        info: dict[str, Any] = {
+            "name": self.name,
+            "version": self.version,
+            "state": str(self.state),
+            "ready": self.state is State.READY,
+            "reason": self.reason,
+        }
         if self.config is not None:
             c = self.config
-            info.update(input=c.input.model_dump(), labels=c.labels, metrics=c.metrics, params=c.params,
-                        macs=c.macs, architecture=c.architecture.model_dump(), untrained=c.untrained)
+            info.update(
+                input=c.input.model_dump(),
+                labels=c.labels,
+                metrics=c.metrics,
+                params=c.params,
+                macs=c.macs,
+                architecture=c.architecture.model_dump(),
+                untrained=c.untrained,
+            )
         if self.runners:
             r = self.runners[0]
-            info.update(device=str(r.device), precision=str(r.options.dtype).removeprefix("torch."),
-                        compiled=r.compiled, compile_mode=r.options.mode if r.compiled else None,
-                        buckets=r.buckets, instances=len(self.runners), warmup_s=self.warmup_s,
-                        bucket_ms={b: round(t * 1000, 3) for b, t in r.bucket_seconds.items()})
+            info.update(
+                device=str(r.device),
+                precision=str(r.options.dtype).removeprefix("torch."),
+                compiled=r.compiled,
+                compile_mode=r.options.mode if r.compiled else None,
+                buckets=r.buckets,
+                instances=len(self.runners),
+                warmup_s=self.warmup_s,
+                bucket_ms={b: round(t * 1000, 3) for b, t in r.bucket_seconds.items()},
+            )
         info["batching"] = self.batching
         return info
 
@@ -177,8 +196,11 @@ class ModelRegistry:
     def missing_models(self) -> list[str]:
         """Models IGCV2_MODELS names without a version that the store has no version of ('name:3'
         is configured all the same, and its load fails with the reason)."""
-        return [name for name, version in self.settings.wanted_models()
-                if version is None and not versions(self.store / name)]
+        return [
+            name
+            for name, version in self.settings.wanted_models()
+            if version is None and not versions(self.store / name)
+        ]
 
     def load_configured(self, loop: asyncio.AbstractEventLoop) -> None:
         """Load every configured model version (called once, in a background thread).
@@ -190,8 +212,10 @@ class ModelRegistry:
         self._loop = loop
         targets, missing = self.configured_versions(), self.missing_models()
         if self.settings.default_model not in {name for name, _ in targets}:
-            log.warning("the default model %s is not among those configured: requests that name no model get 404",
-                        self.settings.default_model)
+            log.warning(
+                "the default model %s is not among those configured: requests that name no model get 404",
+                self.settings.default_model,
+            )
         with self._lock:
             if self._closed:
                 self.started = True
@@ -264,8 +288,11 @@ class ModelRegistry:
         except ValueError as exc:  # the artifact's fault: a 400 on the control route, the reason in /models
             raise ArtifactError(f"{served.path}: {exc}") from None
         options = RuntimeOptions(
-            device=self.device, precision=self.settings.precision, compile=self.settings.compile,
-            compile_mode=self.settings.compile_mode, channels_last=self.settings.channels_last,
+            device=self.device,
+            precision=self.settings.precision,
+            compile=self.settings.compile,
+            compile_mode=self.settings.compile_mode,
+            channels_last=self.settings.channels_last,
             max_batch_size=served.batching["max_batch_size"],
         )
         runners = []
@@ -281,7 +308,9 @@ class ModelRegistry:
             max_batch_size=served.batching["max_batch_size"],
             max_queue_delay_s=served.batching["max_queue_delay_ms"] / 1000,
             max_queue_size=served.batching["max_queue_size"],
-            model=served.name, version=served.version, bucket_seconds=runners[0].bucket_seconds,
+            model=served.name,
+            version=served.version,
+            bucket_seconds=runners[0].bucket_seconds,
         )
         if self._loop is None:
             raise RuntimeError("registry used before load_configured() gave it the event loop")
@@ -303,18 +332,26 @@ class ModelRegistry:
         metrics.MODEL_READY.labels(**served.labels).set(1)
         metrics.WARMUP_DURATION.labels(**served.labels).set(served.warmup_s)
         r = runners[0]
-        log.info("%s v%s ready on %s (%s, %s, %d instance(s)): warm-up %.1fs, load %.1fs; ms per call by bucket %s",
-                 served.name, served.version, r.device, str(r.options.dtype).removeprefix("torch."),
-                 f"compiled mode={r.options.mode}" if r.compiled else "eager", len(runners),
-                 served.warmup_s, time.perf_counter() - started,
-                 ", ".join(f"{b}: {t * 1000:.2f}" for b, t in r.bucket_seconds.items()))
+        log.info(
+            "%s v%s ready on %s (%s, %s, %d instance(s)): warm-up %.1fs, load %.1fs; ms per call by bucket %s",
+            served.name,
+            served.version,
+            r.device,
+            str(r.options.dtype).removeprefix("torch."),
+            f"compiled mode={r.options.mode}" if r.compiled else "eager",
+            len(runners),
+            served.warmup_s,
+            time.perf_counter() - started,
+            ", ".join(f"{b}: {t * 1000:.2f}" for b, t in r.bucket_seconds.items()),
+        )
 
     def _fail(self, served: ServedModel, exc: Exception) -> None:
         served.state, served.reason = State.FAILED, str(exc)
         if self._models.get((served.name, served.version)) is served:  # not if unloaded while it loaded
             metrics.MODEL_READY.labels(**served.labels).set(0)
-        log.error("%s v%s NOT loaded: %s", served.name, served.version, exc,
-                  exc_info=not isinstance(exc, ArtifactError))
+        log.error(
+            "%s v%s NOT loaded: %s", served.name, served.version, exc, exc_info=not isinstance(exc, ArtifactError)
+        )
 
     # ----- serving -----
 
@@ -328,8 +365,10 @@ class ModelRegistry:
             for m in candidates:
                 if m.version == version:
                     return m
-            raise NotFound(f"model {name!r} has no loaded version {version}; loaded: "
-                           f"{', '.join(str(m.version) for m in candidates)}")
+            raise NotFound(
+                f"model {name!r} has no loaded version {version}; loaded: "
+                f"{', '.join(str(m.version) for m in candidates)}"
+            )
         ready = [m for m in candidates if m.state is State.READY]
         if ready:
             return ready[-1]
@@ -353,18 +392,22 @@ class ModelRegistry:
         with self._lock:
             pending = sorted(self._pending)
         return [f"{m.name} v{m.version}" for m in self.all() if m.state is State.LOADING] + [
-            f"{name} v{version}" for name, version in pending]
+            f"{name} v{version}" for name, version in pending
+        ]
 
     def is_ready(self) -> bool:
-        return self.started and not self.missing and all(
-            (k in self._models and self._models[k].state is State.READY) for k in self._configured
+        return (
+            self.started
+            and not self.missing
+            and all((k in self._models and self._models[k].state is State.READY) for k in self._configured)
         )
 
     def not_ready(self) -> list[str]:
         """What readiness waits for: versions not ready (``name vN state``) and configured models the
         store lacks."""
         return [f"{m.name} v{m.version} {m.state}" for m in self.all() if m.state is not State.READY] + [
-            f"{name} not in the model store" for name in self.missing]
+            f"{name} not in the model store" for name in self.missing
+        ]
 
     def known_model_label(self, name: str) -> str:
         """A bounded metrics label: the model name if it is loaded, else 'unknown'."""
@@ -427,4 +470,3 @@ def parse_version(value: str | int | None) -> int | None:
     if version < 1:
         raise InvalidParameter(f"version must be a positive integer, got {value!r}")
     return version
-

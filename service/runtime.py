@@ -100,8 +100,9 @@ class ModelRunner:
         self.buckets = buckets_for(options.max_batch_size)
         self.input_shape = (spec.height, spec.width, spec.channels)
         self.num_classes = len(artifact.config.labels)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}",
-                                           initializer=own_cuda_graph_trees)
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"infer-{name}", initializer=own_cuda_graph_trees
+        )
         self.compiled = False
         self.bucket_seconds: dict[int, float] = {}  # median seconds of one call per bucket, from warm-up
         module: nn.Module = Normalized(artifact.model, spec.mean, spec.std).eval()
@@ -113,8 +114,9 @@ class ModelRunner:
         self.module = module
         self.forward: Callable[[torch.Tensor], torch.Tensor] = module
         pin = self.device.type == "cuda"
-        self.host_buffers = {b: torch.zeros((b, *self.input_shape), dtype=torch.uint8, pin_memory=pin)
-                             for b in self.buckets}
+        self.host_buffers = {
+            b: torch.zeros((b, *self.input_shape), dtype=torch.uint8, pin_memory=pin) for b in self.buckets
+        }
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -203,6 +205,7 @@ def own_code(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     included), until the limit silently turned the next model eager at half speed. Here the graphs
     live and die with this runner.
     """
+
     def forward(images: torch.Tensor) -> torch.Tensor:
         return module(images)
 

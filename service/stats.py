@@ -80,8 +80,12 @@ class InferenceStats:
                 "cache_miss": zero,
             },
             "batch_stats": [
-                {"batch_size": size, "compute_input": {"count": d.count, "ns": 0}, "compute_infer": d.triton(),
-                 "compute_output": {"count": d.count, "ns": 0}}
+                {
+                    "batch_size": size,
+                    "compute_input": {"count": d.count, "ns": 0},
+                    "compute_infer": d.triton(),
+                    "compute_output": {"count": d.count, "ns": 0},
+                }
                 for size, d in sorted(self.batches.items())
             ],
         }

@@ -97,8 +97,9 @@ def dying(pid: int) -> bool:
     after a SIGKILL. Its main thread has exited (a zombie), or a SIGKILL is pending for the process (Linux
     sets that the moment the signal is sent and clears it only when the process is reaped)."""
     try:
-        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                      if ":\t" in line)
+        status = dict(
+            line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line
+        )
     except OSError:
         return False
     return status["State"].startswith("Z") or bool(int(status["ShdPnd"], 16) & 1 << (signal.SIGKILL - 1))
@@ -129,10 +130,12 @@ class ServiceProcesses(Collector):
             if pid == self.supervisor:  # cutime, cstime: its reaped children, the workers that died
                 cpu += (int(fields[13]) + int(fields[14])) / self.tick
             rss += int(fields[21]) * self.page
-        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the supervisor and its "
-                                "workers, summed.", rss)
-        yield CounterMetricFamily("process_cpu_seconds", "CPU time of the supervisor and its workers, the "
-                                  "dead ones included.", cpu)
+        yield GaugeMetricFamily(
+            "process_resident_memory_bytes", "Resident memory of the supervisor and its workers, summed.", rss
+        )
+        yield CounterMetricFamily(
+            "process_cpu_seconds", "CPU time of the supervisor and its workers, the dead ones included.", cpu
+        )
 
 
 def metrics_registry(worker: Worker) -> CollectorRegistry:
@@ -179,8 +182,14 @@ class Supervisor:
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
-        log.info("listening on http://%s:%d with %d workers (pid %d; run folder %s)",
-                 s.host, sock.getsockname()[1], s.workers, os.getpid(), self.run_dir)
+        log.info(
+            "listening on http://%s:%d with %d workers (pid %d; run folder %s)",
+            s.host,
+            sock.getsockname()[1],
+            s.workers,
+            os.getpid(),
+            self.run_dir,
+        )
         env = {**os.environ, RUN_DIR: str(self.run_dir)}
         try:
             for index in range(s.workers):
@@ -195,8 +204,7 @@ class Supervisor:
 
     def spawn(self, index: int, sock: socket.socket, env: dict[str, str]) -> None:
         replacement = int(index in self.children)
-        command = [sys.executable, "-m", "service", "--worker",
-                   f"{index}:{sock.fileno()}:{os.getpid()}:{replacement}"]
+        command = [sys.executable, "-m", "service", "--worker", f"{index}:{sock.fileno()}:{os.getpid()}:{replacement}"]
         process = subprocess.Popen(command, env=env, pass_fds=(sock.fileno(),))
         self.children[index] = (process, time.monotonic())
         log.info("worker %d started (pid %d)", index, process.pid)
@@ -216,8 +224,15 @@ class Supervisor:
                 continue
             self.young_deaths[index] = self.young_deaths.get(index, 0) + 1 if death.young else 0
             if self.young_deaths[index] >= GIVE_UP_AFTER:
-                log.error("worker %d (pid %d) %s: %d deaths in a row before it was ready or within %.0fs of it; "
-                          "stopping the service", index, process.pid, death, GIVE_UP_AFTER, YOUNG_S)
+                log.error(
+                    "worker %d (pid %d) %s: %d deaths in a row before it was ready or within %.0fs of it; "
+                    "stopping the service",
+                    index,
+                    process.pid,
+                    death,
+                    GIVE_UP_AFTER,
+                    YOUNG_S,
+                )
                 del self.children[index]  # reaped, and not to be signalled or reaped again by stop()
                 self.failed = True
                 self.stopping.set()

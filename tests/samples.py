@@ -45,8 +45,12 @@ def default_model_store(tmp_path: Path) -> Path:
         return MODEL_STORE
     store = tmp_path / "model_store"
     save_artifact(
-        build("igcv2_fashion"), store / DEFAULT_MODEL, name=DEFAULT_MODEL,
-        architecture={"builder": "igcv2_fashion", "kwargs": {}}, labels=FASHION_MNIST_LABELS,
-        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]}, untrained=True,
+        build("igcv2_fashion"),
+        store / DEFAULT_MODEL,
+        name=DEFAULT_MODEL,
+        architecture={"builder": "igcv2_fashion", "kwargs": {}},
+        labels=FASHION_MNIST_LABELS,
+        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]},
+        untrained=True,
     )
     return store

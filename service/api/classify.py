@@ -25,8 +25,10 @@ async def read_uploads(request: Request, max_images: int) -> list[Upload]:
             form = await request.form(max_files=max_images, max_fields=max_images + 16)
         except HTTPException as exc:
             if "Too many" in str(exc.detail):
-                raise TooLarge(f"too many parts in the form; the limit is {max_images} file parts (images) and "
-                               f"{max_images + 16} other fields") from exc
+                raise TooLarge(
+                    f"too many parts in the form; the limit is {max_images} file parts (images) and "
+                    f"{max_images + 16} other fields"
+                ) from exc
             raise BadInput(f"malformed multipart body: {exc.detail}") from exc
         uploads = []
         for index, part in enumerate(form.getlist("file")):
@@ -47,8 +49,10 @@ async def classify(
     request: Request,
     model: Annotated[str | None, Query(description="Model name (default: the configured default model).")] = None,
     version: Annotated[int | None, Query(ge=1, description="Model version (default: the highest loaded).")] = None,
-    top_k: Annotated[int | None, Query(
-        ge=1, le=1000, description="Predictions per image (default: 5, or every class of a model with fewer).")] = None,
+    top_k: Annotated[
+        int | None,
+        Query(ge=1, le=1000, description="Predictions per image (default: 5, or every class of a model with fewer)."),
+    ] = None,
     x_request_timeout: RequestTimeout = None,
 ) -> dict:
     """Classify one or more images; predictions are sorted by score."""

@@ -16,8 +16,9 @@ async def live() -> dict:
     return {"status": "live"}
 
 
-@router.api_route("/health/ready", methods=["GET", "HEAD"], response_model=Health,
-                  responses={503: {"description": "Not ready yet"}})
+@router.api_route(
+    "/health/ready", methods=["GET", "HEAD"], response_model=Health, responses={503: {"description": "Not ready yet"}}
+)
 async def ready(request: Request) -> JSONResponse:
     registry: ModelRegistry = request.app.state.registry
     models = [{"name": m.name, "version": m.version, "state": str(m.state), "reason": m.reason} for m in registry.all()]
@@ -26,6 +27,7 @@ async def ready(request: Request) -> JSONResponse:
     status = "draining" if request.app.state.draining else "not ready"
     waiting = ", ".join(registry.not_ready()) or "models not loaded yet"
     return JSONResponse(
-        {"error": f"{status}: {waiting}", "models": models}, status_code=503,
+        {"error": f"{status}: {waiting}", "models": models},
+        status_code=503,
         headers={"Retry-After": "1" if request.app.state.draining else "5"},
     )

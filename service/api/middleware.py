@@ -57,8 +57,9 @@ class RequestMetrics:
     the model is a loaded model's name, ``unknown`` for any other name, empty for routes without one.
     """
 
-    def __init__(self, app: ASGIApp, routes: Callable[[], list[Any]], model_label: Callable[[str], str],
-                 default_model: str) -> None:
+    def __init__(
+        self, app: ASGIApp, routes: Callable[[], list[Any]], model_label: Callable[[str], str], default_model: str
+    ) -> None:
         self.app = app
         self.routes = routes
         self.model_label = model_label
@@ -91,8 +92,10 @@ class RequestMetrics:
             key = (*self.labels(scope), str(status))
             if (children := self.children.get(key)) is None:  # labels() takes a lock and builds a tuple
                 labels = dict(zip(("endpoint", "model", "code"), key, strict=True))
-                children = self.children[key] = (metrics.REQUESTS.labels(**labels),
-                                                 metrics.REQUEST_DURATION.labels(**labels))
+                children = self.children[key] = (
+                    metrics.REQUESTS.labels(**labels),
+                    metrics.REQUEST_DURATION.labels(**labels),
+                )
             children[0].inc()
             children[1].observe(time.perf_counter() - started)
 
@@ -158,8 +161,12 @@ class ApiKey:
             await self.app(scope, receive, send)
             return
         if not bearer_matches(scope, self.key) and not (self.admin_key and bearer_matches(scope, self.admin_key)):
-            await send_error(send, 401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                             {"WWW-Authenticate": "Bearer"})
+            await send_error(
+                send,
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
             return
         await self.app(scope, receive, send)
 
@@ -205,8 +212,9 @@ class BodyLimit:
                 async with asyncio.timeout(self.idle_timeout_s):
                     message = await receive()
             except TimeoutError:
-                raise BodyTimeout(f"request body stalled: nothing received for {self.idle_timeout_s:g} s "
-                                  f"after {received} bytes") from None
+                raise BodyTimeout(
+                    f"request body stalled: nothing received for {self.idle_timeout_s:g} s after {received} bytes"
+                ) from None
             if message["type"] == "http.request":
                 complete = not message.get("more_body", False)
                 received += len(message.get("body", b""))
@@ -248,8 +256,12 @@ class Draining:
             if started or not self.is_draining():
                 raise
             # uvicorn cancelled it to end the shutdown and waits for nothing more from it: answer and end.
-            await send_error(send, 503, "server shut down before this request was answered (shutdown timeout); "
-                             "retry on another replica", {"Retry-After": "1"})
+            await send_error(
+                send,
+                503,
+                "server shut down before this request was answered (shutdown timeout); retry on another replica",
+                {"Retry-After": "1"},
+            )
 
 
 INFER_PATH = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]+))?/infer")

@@ -33,27 +33,50 @@ ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     409: {"description": "Model control is off: the service runs several workers (IGCV2_WORKERS)"},
 }
 TENSOR_SCHEMA = {
-    "type": "object", "required": ["name", "shape", "datatype"],
-    "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                   "datatype": {"type": "string", "enum": list(oip.DATATYPES)}, "parameters": {"type": "object"},
-                   "data": {"type": "array"}},
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": list(oip.DATATYPES)},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
 }
 INFER_BODY = {  # documents the JSON form in /docs; the handler reads the raw body (binary extension)
-    "requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["inputs"],
-        "properties": {"id": {"type": "string"}, "parameters": {"type": "object"},
-                       "inputs": {"type": "array", "minItems": 1, "items": TENSOR_SCHEMA},
-                       "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-                           "name": {"type": "string"}, "parameters": {"type": "object"}}}}},
-    }}}},
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "minItems": 1, "items": TENSOR_SCHEMA},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    },
 }
 
 
 def path_parameters(*names: str) -> dict[str, Any]:
     """``openapi_extra`` declaring the path parameters a handler reads from ``request.path_params``
     (one handler serves several route shapes), so /openapi.json describes every {parameter} of every path."""
-    return {"parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                           for name in names]}
+    return {
+        "parameters": [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in names]
+    }
 
 
 def version_number(request: Request, name: str) -> int | None:
@@ -78,8 +101,10 @@ def require_admin(request: Request) -> None:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("the model repository needs the admin key: send 'Authorization: Bearer <admin key>'",
-                           {"WWW-Authenticate": "Bearer"})
+        raise Unauthorized(
+            "the model repository needs the admin key: send 'Authorization: Bearer <admin key>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
     if not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
         raise Forbidden("wrong admin key for the model repository")
 
@@ -156,8 +181,9 @@ async def model_statistics(request: Request) -> dict:
     """Triton's statistics extension: request counts, queue and compute time (ns) per version."""
     engine, name = engine_of(request), request.path_params.get("name")
     models = engine.loaded(name, version_number(request, name)) if name else engine.registry.all()
-    return {"model_stats": [(m.batcher.stats if m.batcher else InferenceStats()).triton(m.name, m.version)
-                            for m in models]}
+    return {
+        "model_stats": [(m.batcher.stats if m.batcher else InferenceStats()).triton(m.name, m.version) for m in models]
+    }
 
 
 @router.get("/v2/models/{name}")
@@ -201,15 +227,18 @@ async def infer(
     """Classify a batch: one input (``image`` UINT8 NHWC, ``normalized`` FP32 NCHW or ``encoded``
     BYTES), outputs ``probabilities`` / ``logits``, optionally as top-k classification strings."""
     engine = engine_of(request)
-    parsed = oip.parse_request(await read_body(request), inference_header_content_length,
-                               engine.settings.max_images_per_request)
-    answer = await engine.infer_oip(parsed, name, version_number(request, name), x_request_timeout,
-                                    client_of(request.scope))
+    parsed = oip.parse_request(
+        await read_body(request), inference_header_content_length, engine.settings.max_images_per_request
+    )
+    answer = await engine.infer_oip(
+        parsed, name, version_number(request, name), x_request_timeout, client_of(request.scope)
+    )
     body, header_length = oip.encode_response(answer)
     if header_length is None:
         return Response(body, media_type="application/json")
-    return Response(body, media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(header_length)})
+    return Response(
+        body, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(header_length)}
+    )
 
 
 # ----- model repository -----
@@ -231,14 +260,15 @@ async def load_model(request: Request, name: str) -> dict:
     if not isinstance(parameters, dict):
         raise BadInput("'parameters' must be a JSON object")
     if parameters:
-        raise BadInput(f"load parameters are not supported ({', '.join(sorted(parameters))}): "
-                       "the model store's config.json is the configuration")
+        raise BadInput(
+            f"load parameters are not supported ({', '.join(sorted(parameters))}): "
+            "the model store's config.json is the configuration"
+        )
     served = await engine_of(request).load_model(name)
     return {"name": served.name, "version": str(served.version), "state": "READY"}
 
 
-@router.post("/v2/repository/models/{name}/unload", dependencies=[Depends(require_admin)],
-             responses=ADMIN_RESPONSES)
+@router.post("/v2/repository/models/{name}/unload", dependencies=[Depends(require_admin)], responses=ADMIN_RESPONSES)
 async def unload_model(request: Request, name: str) -> dict:
     """Unload every version of ``name`` after its queued requests are answered."""
     await json_parameters(request)  # {"parameters": {"unload_dependents": ...}}: no model here has dependents

@@ -43,8 +43,18 @@ def check_point(point: dict, batching: bool) -> None:
 @pytest.mark.timeout(300)
 def test_benchmark_smoke_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "benchmarks.run", "--smoke", "--mode", "all", "--out", str(out),
-           "--model-store", str(default_model_store(tmp_path))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--smoke",
+        "--mode",
+        "all",
+        "--out",
+        str(out),
+        "--model-store",
+        str(default_model_store(tmp_path)),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((out / "results.json").read_text())

@@ -148,10 +148,14 @@ def multipart_request(path: str, images: list[bytes], boundary: str = "igcv2-loa
     """A keep-alive POST of ``images`` as multipart ``file`` parts, ready for KeepAliveClient."""
     parts = b"".join(
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
-        f"Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n"
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + image
+        + b"\r\n"
         for i, image in enumerate(images)
     )
     body = parts + f"--{boundary}--\r\n".encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body

@@ -34,6 +34,7 @@ def classify_all(server: LiveServer, pngs: list[bytes], per_request: int, concur
     """Send ``pngs`` in requests of ``per_request`` images, ``concurrency`` at a time; results in order."""
     chunks = [pngs[i : i + per_request] for i in range(0, len(pngs), per_request)]
     with server.client() as client, ThreadPoolExecutor(concurrency) as pool:
+
         def send(chunk: list[bytes]) -> list[dict]:
             response = client.post("/classify", params={"top_k": 10}, files=multipart(chunk))
             assert response.status_code == 200, response.text
@@ -47,7 +48,8 @@ def batch_histogram(server: LiveServer) -> dict[str, float]:
     text = httpx.get(server.url + "/metrics").text
     return {
         sample.labels["le"]: sample.value
-        for family in text_string_to_metric_families(text) if family.name == "igcv2_batch_size"
+        for family in text_string_to_metric_families(text)
+        if family.name == "igcv2_batch_size"
         for sample in family.samples
         if sample.name == "igcv2_batch_size_bucket" and sample.labels["model"] == DEFAULT_MODEL
     }
@@ -109,6 +111,7 @@ def test_concurrent_load_forms_batches(eager_server: LiveServer) -> None:
     before = batch_histogram(eager_server)
     pngs = fashion_pngs(64)
     with eager_server.client() as client, ThreadPoolExecutor(8) as pool:  # 8 in flight < queue bound 10
+
         def send(png: bytes) -> int:
             return client.post("/classify", files=multipart([png])).status_code
 

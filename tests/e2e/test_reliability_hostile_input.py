@@ -39,9 +39,14 @@ BODY_TIMEOUT_S = 3.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tmp_path = tmp_path_factory.mktemp("hostile")
-    env = fast_env(default_model_store(tmp_path), max_image_pixels=str(MAX_PIXELS), max_body_bytes=str(MAX_BODY),
-                   max_images_per_request=str(MAX_IMAGES), header_timeout_s=str(HEADER_TIMEOUT_S),
-                   body_timeout_s=str(BODY_TIMEOUT_S))
+    env = fast_env(
+        default_model_store(tmp_path),
+        max_image_pixels=str(MAX_PIXELS),
+        max_body_bytes=str(MAX_BODY),
+        max_images_per_request=str(MAX_IMAGES),
+        header_timeout_s=str(HEADER_TIMEOUT_S),
+        body_timeout_s=str(BODY_TIMEOUT_S),
+    )
     with live_server(tmp_path, env) as running:
         yield running
 
@@ -78,7 +83,7 @@ def png_declaring(width: int, height: int) -> bytes:
 
 
 def patched(data: bytes, offset: int, value: bytes) -> bytes:
-    return data[:offset] + value + data[offset + len(value):]
+    return data[:offset] + value + data[offset + len(value) :]
 
 
 def jpeg_declaring(width: int, height: int) -> bytes:
@@ -165,12 +170,18 @@ VALID: dict[str, bytes] = {
 INVALID: dict[str, tuple[bytes, str, int]] = {
     "zero bytes": (b"", "image/png", 400),
     "text declared as png": (b"just some words\n" * 10, "image/png", 400),
-    "html declared as png": (b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>", "image/png",
-                             400),
+    "html declared as png": (
+        b"<!doctype html><html><body><img src=x onerror=alert(1)></body></html>",
+        "image/png",
+        400,
+    ),
     "html as text/html": (b"<html></html>", "text/html", 415),
     "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="28" height="28"/>', "image/svg+xml", 400),
-    "eps (never handed to ghostscript)": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n",
-                                          "image/x-eps", 400),
+    "eps (never handed to ghostscript)": (
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n",
+        "image/x-eps",
+        400,
+    ),
     "pdf": (encode(GRAY.convert("RGB"), "PDF"), "application/pdf", 415),
     "pdf declared as png": (encode(GRAY.convert("RGB"), "PDF"), "image/png", 400),
     "ico (unsupported format)": (encode(GRAY, "ICO"), "image/x-icon", 400),
@@ -250,19 +261,22 @@ def test_malformed_images_get_documented_errors(server: LiveServer, case: str, h
     assert_serving(server)
 
 
-@pytest.mark.parametrize(("content_type", "how", "status"), [
-    (None, "multipart", 200),  # a part without a type: decoded if it is an image
-    ("application/octet-stream", "multipart", 200),
-    ("application/octet-stream", "raw", 200),
-    ("image/jpeg", "raw", 200),  # declared JPEG, sent PNG: the bytes decide
-    ("IMAGE/PNG; charset=binary", "raw", 200),
-    (None, "raw", 415),
-    ("text/html", "multipart", 415),
-    ("application/json", "multipart", 415),
-    ("application/x-www-form-urlencoded", "raw", 415),
-    ("multipart/mixed; boundary=x", "raw", 415),
-    ("video/mp4", "raw", 415),
-])
+@pytest.mark.parametrize(
+    ("content_type", "how", "status"),
+    [
+        (None, "multipart", 200),  # a part without a type: decoded if it is an image
+        ("application/octet-stream", "multipart", 200),
+        ("application/octet-stream", "raw", 200),
+        ("image/jpeg", "raw", 200),  # declared JPEG, sent PNG: the bytes decide
+        ("IMAGE/PNG; charset=binary", "raw", 200),
+        (None, "raw", 415),
+        ("text/html", "multipart", 415),
+        ("application/json", "multipart", 415),
+        ("application/x-www-form-urlencoded", "raw", 415),
+        ("multipart/mixed; boundary=x", "raw", 415),
+        ("video/mp4", "raw", 415),
+    ],
+)
 def test_declared_content_types(server: LiveServer, content_type: str | None, how: str, status: int) -> None:
     response = classify_one(server, PNG, content_type, how)
     if status == 200:
@@ -274,8 +288,11 @@ def test_declared_content_types(server: LiveServer, content_type: str | None, ho
 
 # ----- malformed multipart and HTTP, byte for byte -----
 
-PART = (b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
-        + PNG + b"\r\n")
+PART = (
+    b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+    + PNG
+    + b"\r\n"
+)
 FORM = "multipart/form-data; boundary=B"
 
 
@@ -298,84 +315,144 @@ RAW: dict[str, Raw] = {
     "multipart cut inside a part header": Raw(form(PART[:60]), (400,)),
     "multipart empty": Raw(form(b""), (400,)),
     "multipart garbage": Raw(form(bytes(range(256)) * 8), (400,)),
-    "part without content-disposition": Raw(form(b"--B\r\nContent-Type: image/png\r\n\r\n" + PNG + b"\r\n--B--\r\n"),
-                                            (400,)),
-    "file part sent as a text field": Raw(form(b'--B\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc\r\n'
-                                               b"--B--\r\n"), (400,)),
+    "part without content-disposition": Raw(
+        form(b"--B\r\nContent-Type: image/png\r\n\r\n" + PNG + b"\r\n--B--\r\n"), (400,)
+    ),
+    "file part sent as a text field": Raw(
+        form(b'--B\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc\r\n--B--\r\n'), (400,)
+    ),
     "3000 file parts": Raw(form(PART * 3000 + b"--B--\r\n"), (413,)),
-    "3000 text fields": Raw(form(b'--B\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n' * 3000
-                                 + b"--B--\r\n"), (413,)),
+    "3000 text fields": Raw(
+        form(b'--B\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n' * 3000 + b"--B--\r\n"), (413,)
+    ),
     "13 images (limit 12)": Raw(form(PART * 13 + b"--B--\r\n"), (413,)),
-    "5000 headers in one part": Raw(form(PART.replace(b"\r\n\r\n", b"\r\n" + b"X-A: b\r\n" * 5000 + b"\r\n", 1)
-                                         + b"--B--\r\n"), (400, 413)),
-    "500 kB filename": Raw(form(PART.replace(b'"a.png"', b'"' + b"a" * 500_000 + b'"', 1) + b"--B--\r\n"),
-                           (400, 413)),
-    "body over the limit (content-length)": Raw(http_request("POST", "/classify", b"\0" * (MAX_BODY + 1),
-                                                             {"Content-Type": "image/png"}), (413,)),
+    "5000 headers in one part": Raw(
+        form(PART.replace(b"\r\n\r\n", b"\r\n" + b"X-A: b\r\n" * 5000 + b"\r\n", 1) + b"--B--\r\n"), (400, 413)
+    ),
+    "500 kB filename": Raw(form(PART.replace(b'"a.png"', b'"' + b"a" * 500_000 + b'"', 1) + b"--B--\r\n"), (400, 413)),
+    "body over the limit (content-length)": Raw(
+        http_request("POST", "/classify", b"\0" * (MAX_BODY + 1), {"Content-Type": "image/png"}), (413,)
+    ),
     "body over the limit (chunked)": Raw(
         b"POST /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: image/png\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" + (b"100000\r\n" + b"\0" * 0x100000 + b"\r\n") * 3 + b"0\r\n\r\n",
-        (413,)),
-    "malformed chunk": Raw(b"POST /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: image/png\r\n"
-                           b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", (400,), json=False),
-    "content-length not a number": Raw(b"POST /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                                       b"Content-Length: ten\r\n\r\n", (400,), json=False),
-    "two content-lengths": Raw(b"POST /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 1\r\n"
-                               b"Content-Length: 9999999\r\n\r\nx", (400,), json=False),
+        (413,),
+    ),
+    "malformed chunk": Raw(
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: image/png\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+        (400,),
+        json=False,
+    ),
+    "content-length not a number": Raw(
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: ten\r\n\r\n", (400,), json=False
+    ),
+    "two content-lengths": Raw(
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 1\r\n"
+        b"Content-Length: 9999999\r\n\r\nx",
+        (400,),
+        json=False,
+    ),
     # IGCV2_MAX_HEADER_BYTES (64 KiB): 431 for long heads, 414 where the request target alone is too long
     "header of 1 MB": Raw(http_request("GET", "/models", headers={"X-Long": "a" * 1_000_000}), (431,)),
     "10000 headers": Raw(http_request("GET", "/models", headers={f"X-{i}": "b" for i in range(10_000)}), (431,)),
-    "headers of 60 kB (under the limit)": Raw(http_request("GET", "/models", headers={"X-Long": "a" * 60_000}),
-                                              (200,)),
+    "headers of 60 kB (under the limit)": Raw(http_request("GET", "/models", headers={"X-Long": "a" * 60_000}), (200,)),
     "query string of 100 kB": Raw(http_request("GET", "/models?x=" + "a" * 100_000), (414,)),
-    "model name of 100 kB": Raw(http_request("POST", "/classify?model=" + "a" * 100_000, PNG,
-                                             {"Content-Type": "image/png"}), (414,)),
-    "20000 query parameters": Raw(http_request("POST", "/classify?" + "&".join(f"top_k={i}" for i in range(20_000)),
-                                               PNG, {"Content-Type": "image/png"}), (414,)),
-    "model name of 10 kB": Raw(http_request("POST", "/classify?model=" + "a" * 10_000, PNG,
-                                            {"Content-Type": "image/png"}), (404,)),
+    "model name of 100 kB": Raw(
+        http_request("POST", "/classify?model=" + "a" * 100_000, PNG, {"Content-Type": "image/png"}), (414,)
+    ),
+    "20000 query parameters": Raw(
+        http_request(
+            "POST", "/classify?" + "&".join(f"top_k={i}" for i in range(20_000)), PNG, {"Content-Type": "image/png"}
+        ),
+        (414,),
+    ),
+    "model name of 10 kB": Raw(
+        http_request("POST", "/classify?model=" + "a" * 10_000, PNG, {"Content-Type": "image/png"}), (404,)
+    ),
     # Found by review: each of these was a 500 (plain text from the shedding layer, or "internal error")
-    "version '²' (a digit to str.isdigit)": Raw(http_request("POST", "/classify?version=%C2%B2", PNG,
-                                                             {"Content-Type": "image/png"}), (422,)),
-    "version of 5000 digits": Raw(http_request("POST", "/classify?version=" + "1" * 5000, PNG,
-                                               {"Content-Type": "image/png"}), (422,)),
-    "v2 infer, version of 5000 digits": Raw(http_request("POST", "/v2/models/igcv2-fashion/versions/" + "1" * 5000
-                                                         + "/infer", b"{}", {"Content-Type": "application/json"}),
-                                            (400, 404, 422)),
-    "v2 metadata, version of 5000 digits": Raw(http_request("GET", "/v2/models/igcv2-fashion/versions/" + "1" * 5000),
-                                               (404, 422)),
-    "v2 JSON integer of 5000 digits": Raw(http_request("POST", "/v2/models/igcv2-fashion/infer",
-                                                       b'{"id": ' + b"1" * 5000 + b"}",
-                                                       {"Content-Type": "application/json"}), (400,)),
-    "v2 timeout of 10^30 microseconds": Raw(http_request("POST", "/v2/models/igcv2-fashion/infer",
-                                                         b'{"parameters": {"timeout": 1' + b"0" * 30
-                                                         + b'}, "inputs": []}', {"Content-Type": "application/json"}),
-                                            (400,)),
-    "repository index with a 5000-digit integer": Raw(http_request("POST", "/v2/repository/index",
-                                                                   b'{"ready": ' + b"1" * 5000 + b"}",
-                                                                   {"Content-Type": "application/json"}), (400,)),
-    "gzip body": Raw(http_request("POST", "/v2/repository/index", gzip.compress(b'{"ready": true}'),
-                                  {"Content-Type": "application/json", "Content-Encoding": "gzip"}), (200,)),
-    "gzip body with bytes after its end": Raw(http_request("POST", "/v2/repository/index",
-                                                           gzip.compress(b'{"ready": true}') + b"junk",
-                                                           {"Content-Type": "application/json",
-                                                            "Content-Encoding": "gzip"}), (400,)),
-    "model given twice (FastAPI takes the last)": Raw(http_request("POST", "/classify?model=nosuch&model=igcv2-fashion",
-                                                                   PNG, {"Content-Type": "image/png"}), (200,)),
-    "NUL in the model name": Raw(http_request("POST", "/classify?model=%00", PNG, {"Content-Type": "image/png"}),
-                                 (404,)),
-    "top_k of 30 digits": Raw(http_request("POST", "/classify?top_k=" + "9" * 30, PNG, {"Content-Type": "image/png"}),
-                              (422,)),
-    "version of 30 digits": Raw(http_request("POST", "/classify?version=" + "9" * 30, PNG,
-                                             {"Content-Type": "image/png"}), (404, 422)),
-    "X-Request-Timeout nan": Raw(http_request("POST", "/classify", PNG, {"Content-Type": "image/png",
-                                                                         "X-Request-Timeout": "nan"}), (422,)),
-    "X-Request-Timeout -1": Raw(http_request("POST", "/classify", PNG, {"Content-Type": "image/png",
-                                                                        "X-Request-Timeout": "-1"}), (422,)),
-    "unknown method": Raw(b"BREW /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", (400, 405, 501),
-                          json=False),
-    "TLS hello on the plain port": Raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64), (400,),
-                                       json=False),
+    "version '²' (a digit to str.isdigit)": Raw(
+        http_request("POST", "/classify?version=%C2%B2", PNG, {"Content-Type": "image/png"}), (422,)
+    ),
+    "version of 5000 digits": Raw(
+        http_request("POST", "/classify?version=" + "1" * 5000, PNG, {"Content-Type": "image/png"}), (422,)
+    ),
+    "v2 infer, version of 5000 digits": Raw(
+        http_request(
+            "POST",
+            "/v2/models/igcv2-fashion/versions/" + "1" * 5000 + "/infer",
+            b"{}",
+            {"Content-Type": "application/json"},
+        ),
+        (400, 404, 422),
+    ),
+    "v2 metadata, version of 5000 digits": Raw(
+        http_request("GET", "/v2/models/igcv2-fashion/versions/" + "1" * 5000), (404, 422)
+    ),
+    "v2 JSON integer of 5000 digits": Raw(
+        http_request(
+            "POST",
+            "/v2/models/igcv2-fashion/infer",
+            b'{"id": ' + b"1" * 5000 + b"}",
+            {"Content-Type": "application/json"},
+        ),
+        (400,),
+    ),
+    "v2 timeout of 10^30 microseconds": Raw(
+        http_request(
+            "POST",
+            "/v2/models/igcv2-fashion/infer",
+            b'{"parameters": {"timeout": 1' + b"0" * 30 + b'}, "inputs": []}',
+            {"Content-Type": "application/json"},
+        ),
+        (400,),
+    ),
+    "repository index with a 5000-digit integer": Raw(
+        http_request(
+            "POST", "/v2/repository/index", b'{"ready": ' + b"1" * 5000 + b"}", {"Content-Type": "application/json"}
+        ),
+        (400,),
+    ),
+    "gzip body": Raw(
+        http_request(
+            "POST",
+            "/v2/repository/index",
+            gzip.compress(b'{"ready": true}'),
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ),
+        (200,),
+    ),
+    "gzip body with bytes after its end": Raw(
+        http_request(
+            "POST",
+            "/v2/repository/index",
+            gzip.compress(b'{"ready": true}') + b"junk",
+            {"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        ),
+        (400,),
+    ),
+    "model given twice (FastAPI takes the last)": Raw(
+        http_request("POST", "/classify?model=nosuch&model=igcv2-fashion", PNG, {"Content-Type": "image/png"}), (200,)
+    ),
+    "NUL in the model name": Raw(
+        http_request("POST", "/classify?model=%00", PNG, {"Content-Type": "image/png"}), (404,)
+    ),
+    "top_k of 30 digits": Raw(
+        http_request("POST", "/classify?top_k=" + "9" * 30, PNG, {"Content-Type": "image/png"}), (422,)
+    ),
+    "version of 30 digits": Raw(
+        http_request("POST", "/classify?version=" + "9" * 30, PNG, {"Content-Type": "image/png"}), (404, 422)
+    ),
+    "X-Request-Timeout nan": Raw(
+        http_request("POST", "/classify", PNG, {"Content-Type": "image/png", "X-Request-Timeout": "nan"}), (422,)
+    ),
+    "X-Request-Timeout -1": Raw(
+        http_request("POST", "/classify", PNG, {"Content-Type": "image/png", "X-Request-Timeout": "-1"}), (422,)
+    ),
+    "unknown method": Raw(
+        b"BREW /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", (400, 405, 501), json=False
+    ),
+    "TLS hello on the plain port": Raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64), (400,), json=False),
     "not HTTP at all": Raw(b"\x00\xff" * 512 + b"\r\n\r\n", (400,), json=False),
 }
 
@@ -398,8 +475,10 @@ def test_slow_body_does_not_block_other_clients(server: LiveServer) -> None:
     try:
         for _ in range(4):
             sock = socket.create_connection((host, int(port)), timeout=10)
-            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                         b"Content-Length: 100000\r\n\r\n" + PNG[:50])
+            sock.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 100000\r\n\r\n" + PNG[:50]
+            )
             stalled.append(sock)
         for _ in range(3):
             assert_serving(server)
@@ -456,7 +535,8 @@ def test_the_head_limit_applies_to_each_request_on_a_kept_alive_connection(serve
         sock.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n")
         first = b""
         while b"\r\n\r\n" not in first or len(first.partition(b"\r\n\r\n")[2]) < int(
-                re.search(rb"content-length: (\d+)", first.lower()).group(1)):  # type: ignore[union-attr]
+            re.search(rb"content-length: (\d+)", first.lower()).group(1)
+        ):  # type: ignore[union-attr]
             first += sock.recv(65536)
         assert first.startswith(b"HTTP/1.1 200"), first[:300]
         sock.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 200_000 + b"\r\n\r\n")
@@ -470,7 +550,8 @@ def read_answer(sock: socket.socket) -> bytes:
     """One whole response (head and Content-Length body) from a kept-alive connection."""
     data = b""
     while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
-            re.search(rb"content-length: (\d+)", data.lower()).group(1)):  # type: ignore[union-attr]
+        re.search(rb"content-length: (\d+)", data.lower()).group(1)
+    ):  # type: ignore[union-attr]
         chunk = sock.recv(65536)
         assert chunk, f"closed mid-answer: {data[:300]!r}"
         data += chunk
@@ -494,8 +575,11 @@ def test_a_refused_body_trickling_in_is_cut_off_after_the_body_timeout(server: L
     server; a client trickling it, each byte restarting uvicorn's keep-alive timer, would hold the
     connection forever: it gets the body timeout in all."""
     with connect(server) as sock:
-        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode() + PNG[:10])
+        sock.sendall(
+            f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode()
+            + PNG[:10]
+        )
         assert read_answer(sock).startswith(b"HTTP/1.1 413")
         answered = time.monotonic()
         sock.settimeout(0.4)
@@ -517,8 +601,10 @@ def test_a_refused_body_sent_whole_leaves_the_connection_to_the_keep_alive_timeo
     """Once the rest of a body answered early is in, the connection idles like after any answer and
     is closed after uvicorn's keep-alive timeout (5 s), not held open for good."""
     with connect(server) as sock:
-        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode()
+        )
         assert read_answer(sock).startswith(b"HTTP/1.1 413")
         sock.sendall(b"x" * (MAX_BODY + 1))
         sent = time.monotonic()
@@ -530,8 +616,10 @@ def test_an_early_answer_to_expect_100_continue_closes_the_connection(server: Li
     """No 100 Continue came, so the client may never send the body: the connection closes after the
     answer, or the client's next request would be read as the rest of this body."""
     with connect(server) as sock:
-        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nExpect: 100-continue\r\n"
-                     f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode())
+        sock.sendall(
+            f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nExpect: 100-continue\r\n"
+            f"Content-Length: {MAX_BODY + 1}\r\n\r\n".encode()
+        )
         started = time.monotonic()
         answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
@@ -542,12 +630,13 @@ def test_a_pipelined_upload_is_not_cut_off_as_a_refused_one(server: LiveServer) 
     """A request pipelined behind another is not one answered before its body: its slow but steady
     body (each pause under the body timeout, longer than it in all) is read and answered."""
     body = PNG
-    request = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode()
+    request = (
+        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     with connect(server) as sock:
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n" + request)
         assert read_answer(sock).startswith(b"HTTP/1.1 200")
-        pieces = [body[i:i + len(body) // 4 + 1] for i in range(0, len(body), len(body) // 4 + 1)]
+        pieces = [body[i : i + len(body) // 4 + 1] for i in range(0, len(body), len(body) // 4 + 1)]
         for piece in pieces:
             time.sleep(BODY_TIMEOUT_S / 2)  # 4-5 pauses: longer than the body timeout in all
             sock.sendall(piece)
@@ -559,8 +648,12 @@ def test_a_head_starting_in_the_read_that_ends_a_large_body_is_not_refused(serve
     """The read that ends a body may carry the next head's start: its body bytes are not that head's."""
     junk = b"x" * 100_000
     with connect(server) as sock:
-        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     f"Content-Length: {len(junk)}\r\n\r\n".encode() + junk + b"GET /health/live HTTP/1.1\r\nHo")
+        sock.sendall(
+            f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(junk)}\r\n\r\n".encode()
+            + junk
+            + b"GET /health/live HTTP/1.1\r\nHo"
+        )
         time.sleep(0.5)
         sock.sendall(b"st: x\r\n\r\n")
         first, second = read_answer(sock), read_answer(sock)
@@ -570,8 +663,10 @@ def test_a_head_starting_in_the_read_that_ends_a_large_body_is_not_refused(serve
 def test_the_deadline_runs_from_the_head_so_a_slow_upload_counts(server: LiveServer) -> None:
     """X-Request-Timeout is the client's whole budget: a body that took longer than it to arrive is
     not computed (504), though each pause stayed under the body timeout."""
-    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nX-Request-Timeout: 1\r\n"
-            f"Content-Length: {len(PNG)}\r\n\r\n").encode()
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nX-Request-Timeout: 1\r\n"
+        f"Content-Length: {len(PNG)}\r\n\r\n"
+    ).encode()
     with connect(server) as sock:
         sock.sendall(head + PNG[:10])
         time.sleep(1.5)
@@ -583,9 +678,10 @@ def test_the_deadline_runs_from_the_head_so_a_slow_upload_counts(server: LiveSer
 
 def stalled_body(content_type: str, body: bytes) -> tuple[bytes, int]:
     """A /classify head promising ``body``, and the part of it sent before the stall."""
-    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    return head + body[:len(body) // 2], len(body) // 2
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body[: len(body) // 2], len(body) // 2
 
 
 @pytest.mark.parametrize("shape", ["raw", "multipart"])
@@ -596,8 +692,14 @@ def test_a_body_that_stalls_gets_408_after_the_body_timeout(server: LiveServer, 
         request, sent = stalled_body("image/png", PNG)
     else:
         boundary = "stall"
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
-                f"Content-Type: image/png\r\n\r\n").encode() + PNG + f"\r\n--{boundary}--\r\n".encode()
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + PNG
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         request, sent = stalled_body(f"multipart/form-data; boundary={boundary}", body)
     refused_before = metric(server, "igcv2_requests_total", endpoint="/classify", code="408")
     with connect(server) as sock:
@@ -607,8 +709,9 @@ def test_a_body_that_stalls_gets_408_after_the_body_timeout(server: LiveServer, 
         waited = time.monotonic() - started
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and b"application/json" in head, answer[:300]
-    assert json.loads(body)["error"] == (f"request body stalled: nothing received for {BODY_TIMEOUT_S:g} s "
-                                         f"after {sent} bytes")
+    assert json.loads(body)["error"] == (
+        f"request body stalled: nothing received for {BODY_TIMEOUT_S:g} s after {sent} bytes"
+    )
     assert BODY_TIMEOUT_S - 0.2 < waited < BODY_TIMEOUT_S + 3
     assert metric(server, "igcv2_requests_total", endpoint="/classify", code="408") == refused_before + 1
     assert_serving(server)
@@ -619,7 +722,7 @@ def test_a_slow_but_steady_body_is_not_timed_out(server: LiveServer) -> None:
     than the timeout, each pause shorter than it, is answered as usual."""
     request, _ = stalled_body("image/png", PNG)
     head_end = request.index(b"\r\n\r\n") + 4
-    pieces = [request[:head_end], *(PNG[i:i + len(PNG) // 5 + 1] for i in range(0, len(PNG), len(PNG) // 5 + 1))]
+    pieces = [request[:head_end], *(PNG[i : i + len(PNG) // 5 + 1] for i in range(0, len(PNG), len(PNG) // 5 + 1))]
     with connect(server) as sock:
         started = time.monotonic()
         for piece in pieces:

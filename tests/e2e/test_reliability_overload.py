@@ -78,8 +78,9 @@ def send(client: KeepAliveClient, request: bytes, answers: Answers) -> float:
     return float(retry_after) if status == 503 and retry_after.isdigit() else 0.0
 
 
-def closed_loop(server: LiveServer, request: bytes, clients: int, until: float, answers: Answers,
-                polite: bool = False) -> None:
+def closed_loop(
+    server: LiveServer, request: bytes, clients: int, until: float, answers: Answers, polite: bool = False
+) -> None:
     """``clients`` threads sending back to back; ``polite`` ones wait out a 503's Retry-After."""
 
     def run() -> None:
@@ -130,8 +131,11 @@ class Window:
 
 def counters(server: LiveServer) -> tuple[float, float, float]:
     text = httpx.get(server.url + "/metrics", timeout=30).text
-    return (sum(samples(text, "igcv2_images_total")), sum(samples(text, "igcv2_batch_size_count")),
-            sum(samples(text, "process_cpu_seconds_total")))
+    return (
+        sum(samples(text, "igcv2_images_total")),
+        sum(samples(text, "igcv2_batch_size_count")),
+        sum(samples(text, "process_cpu_seconds_total")),
+    )
 
 
 def measured(server: LiveServer, load: threading.Thread, seconds: float) -> Window:
@@ -146,8 +150,9 @@ def measured(server: LiveServer, load: threading.Thread, seconds: float) -> Wind
 
 
 def describe(windows: list[Window]) -> str:
-    return ", ".join(f"{w.rate:.0f}/s (batch {w.images / max(w.batches, 1):.1f}, cpu {w.cpu_s / w.seconds:.2f})"
-                     for w in windows)
+    return ", ".join(
+        f"{w.rate:.0f}/s (batch {w.images / max(w.batches, 1):.1f}, cpu {w.cpu_s / w.seconds:.2f})" for w in windows
+    )
 
 
 class Sampler(threading.Thread):
@@ -174,15 +179,19 @@ def rate(windows: list[Window]) -> float:
 
 
 def test_overload_keeps_goodput_queue_bound_and_memory(tmp_path: Path) -> None:
-    env = fast_env(default_model_store(tmp_path), max_batch_size=str(BATCH), max_queue_size=str(QUEUE),
-                   cpu_threads="1")  # one inference thread: the event loop keeps the other core
+    env = fast_env(
+        default_model_store(tmp_path), max_batch_size=str(BATCH), max_queue_size=str(QUEUE), cpu_threads="1"
+    )  # one inference thread: the event loop keeps the other core
     request = multipart_request("/classify", fashion_pngs(IMAGES))
     saturating = QUEUE // IMAGES
     with live_server(tmp_path, env) as server:
         warmup, saturation, polite, paced_answers = Answers(), Answers(), Answers(), Answers()
         # Warm-up: every load shape once, so the allocator and caches settle before RSS is read.
-        probe = measured(server, threading.Thread(target=closed_loop, args=(
-            server, request, saturating, time.monotonic() + 2, warmup)), 2)
+        probe = measured(
+            server,
+            threading.Thread(target=closed_loop, args=(server, request, saturating, time.monotonic() + 2, warmup)),
+            2,
+        )
         closed_loop(server, request, CLIENTS, time.monotonic() + 1.5, warmup, True)
         paced(server, request, CLIENTS, FACTOR * probe.rate / IMAGES, time.monotonic() + 1.5, warmup)
         assert not warmup.problems, warmup.problems[:5]
@@ -194,19 +203,43 @@ def test_overload_keeps_goodput_queue_bound_and_memory(tmp_path: Path) -> None:
         paced_windows: list[Window] = []
         sampler.start()
         for _ in range(ROUNDS):
-            sat_windows.append(measured(server, threading.Thread(target=closed_loop, args=(
-                server, request, saturating, time.monotonic() + SATURATION_S, saturation)), SATURATION_S))
-            polite_windows.append(measured(server, threading.Thread(target=closed_loop, args=(
-                server, request, CLIENTS, time.monotonic() + OVERLOAD_S, polite, True)), OVERLOAD_S))
+            sat_windows.append(
+                measured(
+                    server,
+                    threading.Thread(
+                        target=closed_loop,
+                        args=(server, request, saturating, time.monotonic() + SATURATION_S, saturation),
+                    ),
+                    SATURATION_S,
+                )
+            )
+            polite_windows.append(
+                measured(
+                    server,
+                    threading.Thread(
+                        target=closed_loop, args=(server, request, CLIENTS, time.monotonic() + OVERLOAD_S, polite, True)
+                    ),
+                    OVERLOAD_S,
+                )
+            )
             offered_rate = FACTOR * sat_windows[-1].rate / IMAGES
-            paced_windows.append(measured(server, threading.Thread(target=paced, args=(
-                server, request, CLIENTS, offered_rate, time.monotonic() + OVERLOAD_S, paced_answers)), OVERLOAD_S))
+            paced_windows.append(
+                measured(
+                    server,
+                    threading.Thread(
+                        target=paced,
+                        args=(server, request, CLIENTS, offered_rate, time.monotonic() + OVERLOAD_S, paced_answers),
+                    ),
+                    OVERLOAD_S,
+                )
+            )
         sampler.stop.set()
         sampler.join(30)
         rss_after = rss(server)
         assert_serving(server)
-        rejected = sum(samples(httpx.get(server.url + "/metrics").text, "igcv2_rejected_images_total",
-                               reason="queue_full"))
+        rejected = sum(
+            samples(httpx.get(server.url + "/metrics").text, "igcv2_rejected_images_total", reason="queue_full")
+        )
 
     sat_rate = rate(sat_windows)
     overload_s = ROUNDS * OVERLOAD_S
@@ -269,13 +302,15 @@ def test_a_request_after_a_discarded_body_keeps_its_connection_while_it_is_compu
     """The rest of a body answered early (413) arrives with the next request in one read: that request
     is answered, however long it takes (here a 6 s batch delay), not cut off by the keep-alive timer
     (5 s) that the end of the discarded body would start."""
-    env = fast_env(default_model_store(tmp_path), max_batch_size="8", max_queue_delay_ms="6000",
-                   max_body_bytes="100000")
+    env = fast_env(
+        default_model_store(tmp_path), max_batch_size="8", max_queue_delay_ms="6000", max_body_bytes="100000"
+    )
     with live_server(tmp_path, env) as server:
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=20) as sock:
-            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                         b"Content-Length: 100001\r\n\r\n")
+            sock.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100001\r\n\r\n"
+            )
             answers = b""
             while answers.count(b"\r\n\r\n") < 1 or not answers.endswith(b"}"):  # the 413's head and body
                 answers += sock.recv(65536)

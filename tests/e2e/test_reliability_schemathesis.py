@@ -29,8 +29,9 @@ from schemathesis.checks import response_schema_conformance
 
 EXAMPLES = 12  # per operation, per generation mode, per path-parameter choice
 REQUEST_TIMEOUT_S = 10.0
-INFER_BODY = json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "UINT8",
-                                      "data": [7] * 784}]}).encode()
+INFER_BODY = json.dumps(
+    {"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "UINT8", "data": [7] * 784}]}
+).encode()
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,14 @@ def drive(server: LiveServer, strategy: Any, extra: dict[str, Any], failures: li
     """Send up to EXAMPLES cases from ``strategy``; record contract violations instead of raising, so
     a failure neither stops the run nor sends hypothesis into a long shrink."""
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=strategy)
     def send(case: schemathesis.Case) -> None:
         label = f"{case.method} {case.formatted_path} query={case.query} headers={case.headers}"
@@ -120,7 +127,7 @@ def test_fuzzing_finds_no_undocumented_server_error_and_no_hang(server: LiveServ
             extra = {"data": INFER_BODY, "headers": {"Content-Type": "application/json"}}
         real = {k: v for k, v in served.items() if f"{{{k}}}" in operation.path}
         for mode in schemathesis.GenerationMode:
-            for path_parameters in ([None, real] if real else [None]):
+            for path_parameters in [None, real] if real else [None]:
                 drive(server, operation.as_strategy(mode, path_parameters=path_parameters), extra, failures, codes)
     elapsed = time.monotonic() - started
     assert not failures, f"{len(failures)} contract violations:\n" + "\n".join(failures[:20])

@@ -24,9 +24,16 @@ from igcv2.networks import build
 
 API_KEY = "api-" + secrets.token_urlsafe(24)
 ADMIN_KEY = "admin-" + secrets.token_urlsafe(24)
-PROTECTED = [("GET", "/models"), ("GET", f"/models/{DEFAULT_MODEL}"), ("GET", "/docs"), ("GET", "/redoc"),
-             ("GET", "/openapi.json"), ("GET", "/v2"), ("GET", f"/v2/models/{DEFAULT_MODEL}"),
-             ("POST", "/v2/repository/index")]
+PROTECTED = [
+    ("GET", "/models"),
+    ("GET", f"/models/{DEFAULT_MODEL}"),
+    ("GET", "/docs"),
+    ("GET", "/redoc"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v2"),
+    ("GET", f"/v2/models/{DEFAULT_MODEL}"),
+    ("POST", "/v2/repository/index"),
+]
 OPEN = ["/health/live", "/health/ready", "/metrics", "/v2/health/live", "/v2/health/ready"]
 
 
@@ -38,9 +45,15 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     source = default_model_store(root / "source")
     store = root / "store"
     shutil.copytree(source / DEFAULT_MODEL, store / DEFAULT_MODEL)
-    save_artifact(build("igcv2_fashion"), root / "outside" / "evil", name="evil", labels=FASHION_MNIST_LABELS,
-                  architecture={"builder": "igcv2_fashion", "kwargs": {}}, untrained=True,
-                  input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]})
+    save_artifact(
+        build("igcv2_fashion"),
+        root / "outside" / "evil",
+        name="evil",
+        labels=FASHION_MNIST_LABELS,
+        architecture={"builder": "igcv2_fashion", "kwargs": {}},
+        untrained=True,
+        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]},
+    )
     return store, root / "outside"
 
 
@@ -58,8 +71,14 @@ def bearer(key: str) -> dict[str, str]:
 def test_protected_routes_need_the_api_key(server: LiveServer) -> None:
     with server.client() as client:
         for method, path in PROTECTED:
-            for headers in ({}, bearer("wrong"), bearer(API_KEY + "x"), bearer(API_KEY[:-1]),
-                            {"Authorization": f"Basic {API_KEY}"}, {"Authorization": API_KEY}):
+            for headers in (
+                {},
+                bearer("wrong"),
+                bearer(API_KEY + "x"),
+                bearer(API_KEY[:-1]),
+                {"Authorization": f"Basic {API_KEY}"},
+                {"Authorization": API_KEY},
+            ):
                 response = client.request(method, path, headers=headers)
                 assert "missing or invalid API key" in error_message(response, 401), (method, path, headers)
                 assert response.headers["www-authenticate"] == "Bearer"
@@ -77,8 +96,18 @@ def test_health_and_metrics_stay_open(server: LiveServer) -> None:
             assert client.get(path).status_code == 200, path
 
 
-@pytest.mark.parametrize("path", ["/health/../models", "/metrics/../models", "/health/live/../../models",
-                                  "/v2/health/../../models", "/%68ealth/../models", "//models", "/models/"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/health/../models",
+        "/metrics/../models",
+        "/health/live/../../models",
+        "/v2/health/../../models",
+        "/%68ealth/../models",
+        "//models",
+        "/models/",
+    ],
+)
 def test_open_prefixes_do_not_open_other_routes(server: LiveServer, path: str) -> None:
     response = raw_request(server, http_request("GET", path))
     assert response.status is not None and response.status in (401, 404), (path, response.head)
@@ -101,17 +130,39 @@ def assert_model_served(server: LiveServer) -> None:
     assert response.status_code == 200, response.text
 
 
-TRAVERSALS = ["..", "%2e%2e", ".%2e", "%2e%2e%2f", "..%2f",
-              "..%2f..%2foutside%2fevil", "%2e%2e%2foutside%2fevil", "..%2Foutside%2Fevil",
-              "..%5coutside%5cevil", "%252e%252e%252foutside%252fevil", "....%2f%2foutside%2fevil", ".evil",
-              "evil%00", "%00", "~", "outside%2fevil"]
-INFER_BODY = json.dumps({"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "UINT8",
-                                      "data": [0] * 784}]}).encode()
-NAME_ROUTES = [("GET", "/models/{}"), ("GET", "/v2/models/{}"), ("GET", "/v2/models/{}/ready"),
-               ("GET", "/v2/models/{}/config"), ("GET", "/v2/models/{}/stats"),
-               ("GET", "/v2/models/{}/versions/1"), ("POST", "/v2/models/{}/infer"),
-               ("POST", "/v2/repository/models/{}/load"), ("POST", "/v2/repository/models/{}/unload"),
-               ("POST", "/classify?model={}")]
+TRAVERSALS = [
+    "..",
+    "%2e%2e",
+    ".%2e",
+    "%2e%2e%2f",
+    "..%2f",
+    "..%2f..%2foutside%2fevil",
+    "%2e%2e%2foutside%2fevil",
+    "..%2Foutside%2Fevil",
+    "..%5coutside%5cevil",
+    "%252e%252e%252foutside%252fevil",
+    "....%2f%2foutside%2fevil",
+    ".evil",
+    "evil%00",
+    "%00",
+    "~",
+    "outside%2fevil",
+]
+INFER_BODY = json.dumps(
+    {"inputs": [{"name": "image", "shape": [1, 28, 28, 1], "datatype": "UINT8", "data": [0] * 784}]}
+).encode()
+NAME_ROUTES = [
+    ("GET", "/models/{}"),
+    ("GET", "/v2/models/{}"),
+    ("GET", "/v2/models/{}/ready"),
+    ("GET", "/v2/models/{}/config"),
+    ("GET", "/v2/models/{}/stats"),
+    ("GET", "/v2/models/{}/versions/1"),
+    ("POST", "/v2/models/{}/infer"),
+    ("POST", "/v2/repository/models/{}/load"),
+    ("POST", "/v2/repository/models/{}/unload"),
+    ("POST", "/classify?model={}"),
+]
 
 
 @pytest.mark.parametrize(("method", "route"), NAME_ROUTES, ids=[r for _, r in NAME_ROUTES])
@@ -138,13 +189,24 @@ def test_keys_never_appear_in_answers_or_logs(server: LiveServer) -> None:
     good and bad, is in the log by now."""
     answers = []
     with server.client() as client:
-        for path in ["/models", f"/models/{DEFAULT_MODEL}", "/openapi.json", "/v2", "/metrics", "/health/ready",
-                     f"/v2/models/{DEFAULT_MODEL}/config", f"/v2/models/{DEFAULT_MODEL}"]:
+        for path in [
+            "/models",
+            f"/models/{DEFAULT_MODEL}",
+            "/openapi.json",
+            "/v2",
+            "/metrics",
+            "/health/ready",
+            f"/v2/models/{DEFAULT_MODEL}/config",
+            f"/v2/models/{DEFAULT_MODEL}",
+        ]:
             answers.append(client.get(path, headers=bearer(API_KEY)))
         answers.append(client.get("/models", headers=bearer(API_KEY + "-wrong")))
         answers.append(client.post("/classify", files=multipart(fashion_pngs(1)), headers=bearer(API_KEY)))
-        answers.append(client.post("/classify", params={"model": "nope"}, files=multipart(fashion_pngs(1)),
-                                   headers=bearer(API_KEY)))
+        answers.append(
+            client.post(
+                "/classify", params={"model": "nope"}, files=multipart(fashion_pngs(1)), headers=bearer(API_KEY)
+            )
+        )
     for response in answers:
         text = response.text + str(response.headers)
         assert API_KEY not in text and ADMIN_KEY not in text, response.request.url
@@ -200,9 +262,12 @@ def test_nothing_unpickles() -> None:
     assert len(sources) > 10
     problems = [f"{path.relative_to(ROOT)} {p}" for path in sources for p in unsafe_loads(path.read_text())]
     assert not problems, problems
-    mentions = [f"{path.relative_to(ROOT)}:{i}" for path in sources
-                for i, line in enumerate(path.read_text().splitlines(), 1)
-                if re.search(r"torch\.load\(", line) and "weights_only=True" not in line]
+    mentions = [
+        f"{path.relative_to(ROOT)}:{i}"
+        for path in sources
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"torch\.load\(", line) and "weights_only=True" not in line
+    ]
     assert not mentions, f"torch.load without weights_only=True on the same line: {mentions}"
 
 

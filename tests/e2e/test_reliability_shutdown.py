@@ -52,8 +52,9 @@ def error_text(r: httpx.Response) -> str:
         return f"not a JSON error: {r.text[:200]!r}"
 
 
-def client_loop(url: str, image: bytes, stop: threading.Event, deadline: float, out: list[Outcome],
-                waiting: dict[int, float]) -> None:
+def client_loop(
+    url: str, image: bytes, stop: threading.Event, deadline: float, out: list[Outcome], waiting: dict[int, float]
+) -> None:
     """Send one-image requests back to back on a keep-alive connection until told to stop;
     ``waiting[thread id]`` holds the send time of the request this client awaits an answer to."""
     me = threading.get_ident()
@@ -75,8 +76,16 @@ def client_loop(url: str, image: bytes, stop: threading.Event, deadline: float, 
                 time.sleep(0.05)  # the server is going away: don't spin on refused connections
                 continue
             waiting.pop(me, None)
-            out.append(Outcome(started, sent[0] if sent else None, time.monotonic(), r.status_code,
-                               retry_after=r.headers.get("retry-after"), message=error_text(r)))
+            out.append(
+                Outcome(
+                    started,
+                    sent[0] if sent else None,
+                    time.monotonic(),
+                    r.status_code,
+                    retry_after=r.headers.get("retry-after"),
+                    message=error_text(r),
+                )
+            )
 
 
 def prober_loop(url: str, stop: threading.Event, deadline: float, out: list[Outcome]) -> None:
@@ -90,8 +99,16 @@ def prober_loop(url: str, stop: threading.Event, deadline: float, out: list[Outc
             except httpx.TransportError as exc:
                 out.append(Outcome(started, None, time.monotonic(), None, repr(exc)))
                 return
-            out.append(Outcome(started, started, time.monotonic(), r.status_code,
-                               retry_after=r.headers.get("retry-after"), message=error_text(r)))
+            out.append(
+                Outcome(
+                    started,
+                    started,
+                    time.monotonic(),
+                    r.status_code,
+                    retry_after=r.headers.get("retry-after"),
+                    message=error_text(r),
+                )
+            )
             time.sleep(0.01)
 
 
@@ -100,8 +117,14 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path:
     # Batches wait up to 1 s for company (8 clients never fill 16), so most of the time most
     # requests sit queued inside the server: exactly the work a careless shutdown would drop. With
     # two workers the supervisor passes the signal on and exits 0 once both have drained.
-    env = fast_env(default_model_store(tmp_path), max_batch_size="16", max_queue_delay_ms="1000",
-                   max_queue_size="256", shutdown_timeout_s="20", workers=workers)
+    env = fast_env(
+        default_model_store(tmp_path),
+        max_batch_size="16",
+        max_queue_delay_ms="1000",
+        max_queue_size="256",
+        shutdown_timeout_s="20",
+        workers=workers,
+    )
     image = fashion_pngs(1)[0]
     outcomes: list[Outcome] = []
     probes: list[Outcome] = []
@@ -109,8 +132,10 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path:
     stop = threading.Event()
     with live_server(tmp_path, env) as server:
         deadline = time.monotonic() + 60
-        threads = [threading.Thread(target=client_loop, args=(server.url, image, stop, deadline, outcomes, waiting))
-                   for _ in range(CLIENTS)]
+        threads = [
+            threading.Thread(target=client_loop, args=(server.url, image, stop, deadline, outcomes, waiting))
+            for _ in range(CLIENTS)
+        ]
         threads.append(threading.Thread(target=prober_loop, args=(server.url, stop, deadline, probes)))
         for t in threads:
             t.start()
@@ -161,9 +186,11 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path:
 
     assert log.count("igcv2.app: shutdown complete") == int(workers), log[-3000:]
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
-    print(f"{len(outcomes)} requests: {len(accepted)} accepted before SIGTERM, {len(in_flight)} of them in flight "
-          f"and answered 200; {len(refused)} probes refused 503 while draining, "
-          f"{sum(o.status is None for o in outcomes)} found the server gone; exit 0 after {exited - signalled:.1f}s")
+    print(
+        f"{len(outcomes)} requests: {len(accepted)} accepted before SIGTERM, {len(in_flight)} of them in flight "
+        f"and answered 200; {len(refused)} probes refused 503 while draining, "
+        f"{sum(o.status is None for o in outcomes)} found the server gone; exit 0 after {exited - signalled:.1f}s"
+    )
 
 
 def test_a_request_still_running_at_the_shutdown_timeout_gets_a_json_503(tmp_path: Path) -> None:
@@ -174,8 +201,10 @@ def test_a_request_still_running_at_the_shutdown_timeout_gets_a_json_503(tmp_pat
     with live_server(tmp_path, env) as server:
         port = int(server.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                         b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" + b"\0" * 96)  # 100 of 100,000 bytes
+            sock.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" + b"\0" * 96
+            )  # 100 of 100,000 bytes
             time.sleep(0.5)  # the request is in the app, waiting for the rest of its body
             server.process.send_signal(signal.SIGTERM)
             answer = b""

@@ -36,10 +36,14 @@ BROKEN = {
 
 def save(store: Path, name: str, num_classes: int = 10, version: int | None = None) -> Path:
     return save_artifact(
-        build("igcv2_fashion", num_classes=num_classes), store / name, name=name, version=version,
+        build("igcv2_fashion", num_classes=num_classes),
+        store / name,
+        name=name,
+        version=version,
         architecture={"builder": "igcv2_fashion", "kwargs": {"num_classes": num_classes}},
         labels=FASHION_MNIST_LABELS[:num_classes],
-        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]}, untrained=True,
+        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]},
+        untrained=True,
     )
 
 
@@ -94,8 +98,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     configured = ",".join([f"{DEFAULT_MODEL}:1", *BROKEN])
-    with live_server(tmp_path_factory.mktemp("faults-server"), fast_env(store, models=configured),
-                     ready=False) as running:
+    with live_server(
+        tmp_path_factory.mktemp("faults-server"), fast_env(store, models=configured), ready=False
+    ) as running:
         settled(running)
         yield running
 

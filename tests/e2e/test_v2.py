@@ -36,8 +36,15 @@ def v2_store(tmp_path: Path) -> Path:
     store = tmp_path / "store"
     shutil.copytree(source / DEFAULT_MODEL / str(latest), store / DEFAULT_MODEL / str(latest))
     config = read_config(store / DEFAULT_MODEL / str(latest))
-    save_artifact(build("igcv2_fashion"), store / SPARE, name=SPARE, architecture={"builder": "igcv2_fashion"},
-                  labels=config.labels, input_spec=config.input.model_dump(), untrained=True)
+    save_artifact(
+        build("igcv2_fashion"),
+        store / SPARE,
+        name=SPARE,
+        architecture={"builder": "igcv2_fashion"},
+        labels=config.labels,
+        input_spec=config.input.model_dump(),
+        untrained=True,
+    )
     return store
 
 
@@ -85,8 +92,9 @@ def status_of(call: object) -> str:
 
 def json_body(images: np.ndarray) -> dict:
     """A plain-JSON inference request for uint8 NHWC ``images`` (what curl would send)."""
-    return {"inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape),
-                        "data": images.ravel().tolist()}]}
+    return {
+        "inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape), "data": images.ravel().tolist()}]
+    }
 
 
 def infer_input(name: str, array: np.ndarray, datatype: str, binary: bool) -> triton.InferInput:
@@ -99,17 +107,21 @@ def test_server_and_model_metadata(client: triton.InferenceServerClient) -> None
     assert client.is_server_live() and client.is_server_ready()
     metadata = client.get_server_metadata()
     assert metadata["name"] == "igcv2"
-    assert {"binary_tensor_data", "classification", "model_repository", "statistics",
-            "model_configuration"} <= set(metadata["extensions"])
+    assert {"binary_tensor_data", "classification", "model_repository", "statistics", "model_configuration"} <= set(
+        metadata["extensions"]
+    )
 
     model = client.get_model_metadata(DEFAULT_MODEL)
     version = model["versions"][-1]
     assert model["name"] == DEFAULT_MODEL and model["versions"] == [version]
     assert {t["name"]: (t["datatype"], t["shape"]) for t in model["inputs"]} == {
-        "image": ("UINT8", [-1, 28, 28, 1]), "normalized": ("FP32", [-1, 1, 28, 28]), "encoded": ("BYTES", [-1, 1]),
+        "image": ("UINT8", [-1, 28, 28, 1]),
+        "normalized": ("FP32", [-1, 1, 28, 28]),
+        "encoded": ("BYTES", [-1, 1]),
     }
     assert {t["name"]: (t["datatype"], t["shape"]) for t in model["outputs"]} == {
-        "probabilities": ("FP32", [-1, 10]), "logits": ("FP32", [-1, 10]),
+        "probabilities": ("FP32", [-1, 10]),
+        "logits": ("FP32", [-1, 10]),
     }
     assert client.get_model_metadata(DEFAULT_MODEL, version)["versions"] == [version]
     assert client.is_model_ready(DEFAULT_MODEL) and client.is_model_ready(DEFAULT_MODEL, version)
@@ -124,7 +136,9 @@ def test_server_and_model_metadata(client: triton.InferenceServerClient) -> None
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 150_000
     assert config["dynamic_batching"]["preferred_batch_size"] == [1, 2, 4, 8]
     assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
-        ("image", "TYPE_UINT8", [28, 28, 1]), ("normalized", "TYPE_FP32", [1, 28, 28]), ("encoded", "TYPE_STRING", [1]),
+        ("image", "TYPE_UINT8", [28, 28, 1]),
+        ("normalized", "TYPE_FP32", [1, 28, 28]),
+        ("encoded", "TYPE_STRING", [1]),
     ]
     assert [(o["name"], o["dims"]) for o in config["output"]] == [("probabilities", [10]), ("logits", [10])]
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
@@ -148,7 +162,9 @@ def test_every_input_kind_equals_classify(server: LiveServer, client: triton.Inf
                 continue  # raw PNG bytes cannot travel as JSON strings: base64, below
             request_id = f"{name}-{'binary' if binary else 'json'}"
             result = client.infer(
-                DEFAULT_MODEL, [infer_input(name, array, datatype, binary)], request_id=request_id,
+                DEFAULT_MODEL,
+                [infer_input(name, array, datatype, binary)],
+                request_id=request_id,
                 outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary)],
                 request_compression_algorithm="gzip" if name == "image" and binary else None,
             )
@@ -158,8 +174,16 @@ def test_every_input_kind_equals_classify(server: LiveServer, client: triton.Inf
             assert got.dtype == np.float32 and got.shape == (N, 10)
             np.testing.assert_allclose(got, expected, atol=2e-5, err_msg=request_id)
 
-    body = {"inputs": [{"name": "encoded", "datatype": "BYTES", "shape": [N],
-                        "data": [base64.b64encode(png).decode() for png in pngs]}]}
+    body = {
+        "inputs": [
+            {
+                "name": "encoded",
+                "datatype": "BYTES",
+                "shape": [N],
+                "data": [base64.b64encode(png).decode() for png in pngs],
+            }
+        ]
+    }
     response = httpx.post(f"{server.url}/v2/models/{DEFAULT_MODEL}/infer", json=body, timeout=60)
     assert response.status_code == 200, response.text
     (output,) = response.json()["outputs"]
@@ -167,13 +191,16 @@ def test_every_input_kind_equals_classify(server: LiveServer, client: triton.Inf
     np.testing.assert_allclose(np.array(output["data"]).reshape(N, 10), expected, atol=2e-5)
 
 
-def test_classification_extension_and_output_selection(server: LiveServer,
-                                                       client: triton.InferenceServerClient) -> None:
+def test_classification_extension_and_output_selection(
+    server: LiveServer, client: triton.InferenceServerClient
+) -> None:
     images, _ = fashion_test_images(N)
     expected = classify(server, fashion_pngs(N))
     labels = client.get_model_config(DEFAULT_MODEL)["parameters"]["labels"]["string_value"]
-    outputs = [triton.InferRequestedOutput("probabilities", class_count=3),
-               triton.InferRequestedOutput("logits", binary_data=False)]
+    outputs = [
+        triton.InferRequestedOutput("probabilities", class_count=3),
+        triton.InferRequestedOutput("logits", binary_data=False),
+    ]
     result = client.infer(DEFAULT_MODEL, [infer_input("image", images, "UINT8", True)], outputs=outputs)
     top3 = result.as_numpy("probabilities")
     assert top3.shape == (N, 3)
@@ -188,8 +215,11 @@ def test_classification_extension_and_output_selection(server: LiveServer,
     softmax = np.exp(logits - logits.max(1, keepdims=True))
     np.testing.assert_allclose(softmax / softmax.sum(1, keepdims=True), probabilities(expected), atol=2e-5)
 
-    only_logits = client.infer(DEFAULT_MODEL, [infer_input("image", images[:2], "UINT8", False)],
-                               outputs=[triton.InferRequestedOutput("logits")])
+    only_logits = client.infer(
+        DEFAULT_MODEL,
+        [infer_input("image", images[:2], "UINT8", False)],
+        outputs=[triton.InferRequestedOutput("logits")],
+    )
     assert only_logits.as_numpy("probabilities") is None and only_logits.as_numpy("logits").shape == (2, 10)
     default = client.infer(DEFAULT_MODEL, [infer_input("image", images[:2], "UINT8", True)])  # no outputs named
     assert default.as_numpy("logits") is None and default.as_numpy("probabilities").shape == (2, 10)
@@ -212,10 +242,16 @@ def test_protocol_errors(server: LiveServer, client: triton.InferenceServerClien
         "wrong shape": ([infer_input("image", images.reshape(2, 1, 28, 28), "UINT8", True)], None, "400"),
         "no batch dimension": ([infer_input("image", images[0], "UINT8", False)], None, "400"),
         "unknown input": ([infer_input("INPUT__0", images, "UINT8", True)], None, "400"),
-        "unknown output": ([infer_input("image", images, "UINT8", True)], [triton.InferRequestedOutput("OUTPUT__0")],
-                           "400"),
-        "undecodable image": ([infer_input("encoded", np.array([b"not a png"], dtype=object), "BYTES", True)], None,
-                              "400"),
+        "unknown output": (
+            [infer_input("image", images, "UINT8", True)],
+            [triton.InferRequestedOutput("OUTPUT__0")],
+            "400",
+        ),
+        "undecodable image": (
+            [infer_input("encoded", np.array([b"not a png"], dtype=object), "BYTES", True)],
+            None,
+            "400",
+        ),
         "too many images": ([infer_input("image", np.repeat(images, 9, axis=0), "UINT8", True)], None, "413"),
     }
     for case, (inputs, outputs, status) in cases.items():
@@ -236,8 +272,12 @@ def test_protocol_errors(server: LiveServer, client: triton.InferenceServerClien
     tensor = {"name": "image", "datatype": "UINT8", "shape": [2, 28, 28, 1], "data": [0, "not a number"]}
     response = httpx.post(f"{server.url}/v2/models/{DEFAULT_MODEL}/infer", json={"inputs": [tensor]}, timeout=30)
     assert response.status_code == 400 and "2 elements in 'data', shape [2, 28, 28, 1] needs 1568" in response.text
-    response = httpx.post(f"{server.url}/v2/models/{DEFAULT_MODEL}/infer", content=b"{}",
-                          headers={"Inference-Header-Content-Length": "9"}, timeout=30)
+    response = httpx.post(
+        f"{server.url}/v2/models/{DEFAULT_MODEL}/infer",
+        content=b"{}",
+        headers={"Inference-Header-Content-Length": "9"},
+        timeout=30,
+    )
     assert response.status_code == 400 and "Inference-Header-Content-Length" in response.json()["error"]
 
 
@@ -273,8 +313,10 @@ def test_statistics(server: LiveServer, client: triton.InferenceServerClient) ->
     images, _ = fashion_test_images(3)
     before = client.get_inference_statistics(DEFAULT_MODEL)["model_stats"][0]
     client.infer(DEFAULT_MODEL, [infer_input("image", images, "UINT8", True)])
-    assert status_of(lambda: client.infer(DEFAULT_MODEL, [infer_input("image", images, "UINT8", True)],
-                                          timeout=1)) == "504"
+    assert (
+        status_of(lambda: client.infer(DEFAULT_MODEL, [infer_input("image", images, "UINT8", True)], timeout=1))
+        == "504"
+    )
     stats = client.get_inference_statistics(DEFAULT_MODEL)["model_stats"]
     assert len(stats) == 1
     after = stats[0]
@@ -294,8 +336,9 @@ def test_statistics(server: LiveServer, client: triton.InferenceServerClient) ->
     assert status_of(lambda: client.get_inference_statistics("no-such-model")) == "404"
 
 
-def test_repository_load_and_unload_with_the_admin_key(server: LiveServer,
-                                                       client: triton.InferenceServerClient) -> None:
+def test_repository_load_and_unload_with_the_admin_key(
+    server: LiveServer, client: triton.InferenceServerClient
+) -> None:
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     index = {(e["name"], e["state"]) for e in client.get_model_repository_index()}
     assert index == {(DEFAULT_MODEL, "READY"), (SPARE, "UNAVAILABLE")}
@@ -339,11 +382,17 @@ def test_repository_load_and_unload_with_the_admin_key(server: LiveServer,
 
 def test_api_key_without_admin_key(tmp_path: Path) -> None:
     """With only IGCV2_API_KEY set, /v2 needs it (health excepted) and load/unload need nothing more."""
-    env = {"IGCV2_MODEL_STORE": str(v2_store(tmp_path)), "IGCV2_MODELS": DEFAULT_MODEL, "IGCV2_COMPILE": "false",
-           "IGCV2_API_KEY": "user-key"}
+    env = {
+        "IGCV2_MODEL_STORE": str(v2_store(tmp_path)),
+        "IGCV2_MODELS": DEFAULT_MODEL,
+        "IGCV2_COMPILE": "false",
+        "IGCV2_API_KEY": "user-key",
+    }
     key = {"Authorization": "Bearer user-key"}
-    with live_server(tmp_path, env) as server, \
-            triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=120.0) as client:
+    with (
+        live_server(tmp_path, env) as server,
+        triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=120.0) as client,
+    ):
         assert client.is_server_live() and client.is_server_ready()  # open paths
         assert status_of(lambda: client.get_server_metadata()) == "401"
         assert client.get_server_metadata(headers=key)["name"] == "igcv2"

@@ -46,13 +46,19 @@ def test_two_workers_share_one_port_and_one_set_of_metrics(tmp_path: Path) -> No
     with live_server(tmp_path, fast_env(default_model_store(tmp_path), workers="2")) as server:
         assert len(workers_of(server)) == 2
         with ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(lambda i: fresh(server, "POST", "/classify", files=multipart([images[i % 8]]))
-                                  .status_code, range(REQUESTS)))
+            codes = list(
+                pool.map(
+                    lambda i: fresh(server, "POST", "/classify", files=multipart([images[i % 8]])).status_code,
+                    range(REQUESTS),
+                )
+            )
         assert codes == [200] * REQUESTS
 
         # Each worker answers statistics for itself: two views, which add up to every request.
-        views = {fresh(server, "GET", "/v2/models/stats").json()["model_stats"][0]["inference_stats"]["success"]
-                 ["count"] for _ in range(30)}
+        views = {
+            fresh(server, "GET", "/v2/models/stats").json()["model_stats"][0]["inference_stats"]["success"]["count"]
+            for _ in range(30)
+        }
         assert len(views) == 2 and sum(views) == REQUESTS, f"per-worker counts {views}: both should have served"
         # ...while every scrape, whichever worker answers it, counts them all.
         for _ in range(5):
@@ -104,8 +110,10 @@ def test_the_port_refuses_new_connections_while_the_workers_drain(tmp_path: Path
     with live_server(tmp_path, env) as server:
         port = int(server.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as held:
-            held.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                         b"Content-Length: 100000\r\n\r\n\x89PNG")  # keeps one worker draining for 3 s
+            held.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 100000\r\n\r\n\x89PNG"
+            )  # keeps one worker draining for 3 s
             time.sleep(0.5)
             server.process.send_signal(signal.SIGTERM)
             time.sleep(0.5)
@@ -147,8 +155,11 @@ def test_a_worker_killed_while_it_warms_up_is_failing_to_start(tmp_path: Path) -
     with live_server(tmp_path, fast_env(default_model_store(tmp_path), workers="2"), ready=None) as server:
         victim = int(wait_for(server, r"worker 0 started \(pid (\d+)\)")[0])
         os.kill(victim, signal.SIGKILL)  # importing still: seconds before its models are even loaded
-        wait_for(server, rf"worker 0 \(pid {victim}\) exited with -9 while starting, \d+s after its start; "
-                 r"restarting it in 1s")
+        wait_for(
+            server,
+            rf"worker 0 \(pid {victim}\) exited with -9 while starting, \d+s after its start; "
+            r"restarting it in 1s",
+        )
         wait_for(server, "Application startup complete", count=2)  # its replacement too
         assert server.stop() == 0, server.log()[-3000:]
 

@@ -21,9 +21,22 @@ TARGET_TOP1 = 0.940  # issue 2
 def measured_top1() -> dict:
     """Top-1 on all 10k test images, measured by the evaluate command itself."""
     result = subprocess.run(
-        [sys.executable, "-m", "igcv2.evaluate", str(MODEL_DIR / "1"), "--dataset", "fashion-mnist",
-         "--split", "test", "--json"],
-        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "igcv2.evaluate",
+            str(MODEL_DIR / "1"),
+            "--dataset",
+            "fashion-mnist",
+            "--split",
+            "test",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     return json.loads(result.stdout)

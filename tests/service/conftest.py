@@ -52,8 +52,14 @@ def tiny_artifact(seed: int = 0, **input_overrides: Any) -> Artifact:
     """An in-memory artifact around :func:`tiny_net` (ModelRunner needs only the config and the module)."""
     spec = {**TINY_INPUT, **input_overrides}
     config = ArtifactConfig(
-        name="tiny", version=1, architecture={"builder": "igcv2_fashion"},
-        labels=[f"class{i}" for i in range(10)], input=spec, weights_sha256="0" * 64, params=0, macs=0,
+        name="tiny",
+        version=1,
+        architecture={"builder": "igcv2_fashion"},
+        labels=[f"class{i}" for i in range(10)],
+        input=spec,
+        weights_sha256="0" * 64,
+        params=0,
+        macs=0,
     )
     return Artifact(config, tiny_net(seed, spec["channels"]), Path("tiny/1"))
 

@@ -39,8 +39,15 @@ READY_TIMEOUT_S = 180
 
 
 def app_settings(store: Path, **kwargs: Any) -> Settings:
-    values: dict[str, Any] = {"model_store": store, "models": DEFAULT_MODEL, "compile": False, "max_batch_size": 4,
-                              "max_images_per_request": 4, "max_body_bytes": BODY_LIMIT, **kwargs}
+    values: dict[str, Any] = {
+        "model_store": store,
+        "models": DEFAULT_MODEL,
+        "compile": False,
+        "max_batch_size": 4,
+        "max_images_per_request": 4,
+        "max_body_bytes": BODY_LIMIT,
+        **kwargs,
+    }
     return Settings(_env_file=None, **values)
 
 
@@ -59,6 +66,7 @@ def hold_model(app: FastAPI) -> threading.Event:
     """Make the default model's instances wait, before each batch, until the returned event is set."""
     release = threading.Event()
     for runner in app.state.registry.resolve(DEFAULT_MODEL).runners:
+
         def held(inputs: list[Any], run: Callable[[list[Any]], Any] = runner.run) -> Any:
             release.wait(30)
             return run(inputs)
@@ -109,23 +117,34 @@ def assert_error(response: httpx.Response, status: int, *fragments: str) -> str:
 
 # ----- API key -----
 
+
 @pytest.mark.parametrize("path", ["/health/live", "/health/ready", "/metrics"])
 def test_health_and_metrics_need_no_key(client: TestClient, path: str) -> None:
     assert client.get(path).status_code == 200
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("POST", "/classify"), ("GET", "/models"), ("GET", f"/models/{DEFAULT_MODEL}"), ("GET", "/docs"),
-    ("GET", "/openapi.json"), ("GET", "/no/such/route"), ("GET", "/metricsx"), ("GET", "/metrics/x"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/classify"),
+        ("GET", "/models"),
+        ("GET", f"/models/{DEFAULT_MODEL}"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/no/such/route"),
+        ("GET", "/metricsx"),
+        ("GET", "/metrics/x"),
+    ],
+)
 def test_every_other_route_needs_the_key(client: TestClient, method: str, path: str) -> None:
     response = client.request(method, path)
     assert_error(response, 401, "API key")
     assert response.headers["www-authenticate"] == "Bearer"
 
 
-@pytest.mark.parametrize("header", [f"Bearer {KEY}x", "Bearer wrong", f"Basic {KEY}", KEY, "Bearer ", f"{KEY} Bearer",
-                                    f"Bearer {KEY[:-1]}"])
+@pytest.mark.parametrize(
+    "header", [f"Bearer {KEY}x", "Bearer wrong", f"Basic {KEY}", KEY, "Bearer ", f"{KEY} Bearer", f"Bearer {KEY[:-1]}"]
+)
 def test_wrong_credentials_are_refused(client: TestClient, header: str) -> None:
     assert_error(client.get("/models", headers={"Authorization": header}), 401)
 
@@ -159,10 +178,10 @@ def test_no_key_configured_means_open(store: Path) -> None:
 
 # ----- body limit -----
 
+
 def test_declared_content_length_over_the_limit_is_413_before_reading(client: TestClient) -> None:
     before = requests_total("/classify", DEFAULT_MODEL, 413)
-    response = client.post("/classify", content=b"\0" * (BODY_LIMIT + 1),
-                           headers={**AUTH, "content-type": "image/png"})
+    response = client.post("/classify", content=b"\0" * (BODY_LIMIT + 1), headers={**AUTH, "content-type": "image/png"})
     assert_error(response, 413, f"{BODY_LIMIT + 1} bytes", str(BODY_LIMIT))
     assert requests_total("/classify", DEFAULT_MODEL, 413) == before + 1  # counted under its route
 
@@ -211,8 +230,7 @@ def test_chunked_body_is_cut_off_while_streaming(store: Path) -> None:
                     for i in range(0, len(png), 100):
                         yield png[i : i + 100]
 
-                response = await http.post("/classify", content=small(),
-                                           headers={**AUTH, "content-type": "image/png"})
+                response = await http.post("/classify", content=small(), headers={**AUTH, "content-type": "image/png"})
                 assert response.status_code == 200, response.text
 
     asyncio.run(main())
@@ -220,16 +238,21 @@ def test_chunked_body_is_cut_off_while_streaming(store: Path) -> None:
 
 # ----- error bodies -----
 
-@pytest.mark.parametrize(("params", "headers", "status", "fragment"), [
-    ({"top_k": 0}, {}, 422, "top_k"),
-    ({"top_k": "many"}, {}, 422, "top_k"),
-    ({"version": 0}, {}, 422, "version"),
-    ({}, {"X-Request-Timeout": "soon"}, 422, "x-request-timeout"),
-    ({}, {"X-Request-Timeout": "0"}, 422, "x-request-timeout"),
-    ({"model": "no-such-model"}, {}, 404, "no-such-model"),
-])
-def test_bad_parameters_are_json_errors(client: TestClient, params: dict[str, Any], headers: dict[str, str],
-                                        status: int, fragment: str) -> None:
+
+@pytest.mark.parametrize(
+    ("params", "headers", "status", "fragment"),
+    [
+        ({"top_k": 0}, {}, 422, "top_k"),
+        ({"top_k": "many"}, {}, 422, "top_k"),
+        ({"version": 0}, {}, 422, "version"),
+        ({}, {"X-Request-Timeout": "soon"}, 422, "x-request-timeout"),
+        ({}, {"X-Request-Timeout": "0"}, 422, "x-request-timeout"),
+        ({"model": "no-such-model"}, {}, 404, "no-such-model"),
+    ],
+)
+def test_bad_parameters_are_json_errors(
+    client: TestClient, params: dict[str, Any], headers: dict[str, str], status: int, fragment: str
+) -> None:
     response = client.post("/classify", params=params, files=multipart(fashion_pngs(1)), headers={**AUTH, **headers})
     assert_error(response, status, fragment)
 
@@ -244,6 +267,7 @@ def test_too_many_images_is_413(client: TestClient) -> None:
 
 
 # ----- draining -----
+
 
 def test_draining_refuses_new_work_but_stays_live(client: TestClient) -> None:
     before = requests_total("/classify", DEFAULT_MODEL, 503)
@@ -264,6 +288,7 @@ def test_draining_refuses_new_work_but_stays_live(client: TestClient) -> None:
 
 # ----- load shedding -----
 
+
 def test_a_lifespan_left_by_an_error_answers_what_is_queued_without_computing_it(store: Path) -> None:
     """Cancelled (a forced exit) or failed, the lifespan stops at once: queued and computing images get
     503 instead of the drain a normal shutdown does (up to IGCV2_SHUTDOWN_TIMEOUT_S)."""
@@ -277,9 +302,12 @@ def test_a_lifespan_left_by_an_error_answers_what_is_queued_without_computing_it
                 async with running(app):
                     served = app.state.registry.resolve(DEFAULT_MODEL)
                     release = hold_model(app)  # one image computing (held), two queued
-                    posts += [asyncio.ensure_future(client.post("/classify", content=png,
-                                                                headers={"content-type": "image/png"}))
-                              for png in fashion_pngs(3)]
+                    posts += [
+                        asyncio.ensure_future(
+                            client.post("/classify", content=png, headers={"content-type": "image/png"})
+                        )
+                        for png in fashion_pngs(3)
+                    ]
                     deadline = time.monotonic() + 10
                     while served.batcher.depth != 2:
                         assert time.monotonic() < deadline, f"queue depth {served.batcher.depth}, expected 2"
@@ -298,21 +326,35 @@ def test_a_lifespan_left_by_an_error_answers_what_is_queued_without_computing_it
     assert took < 10
 
 
-@pytest.mark.parametrize(("path", "query"), [
-    ("/classify", b""),
-    ("/classify", f"model={DEFAULT_MODEL}&version=1&top_k=3".encode()),
-    (f"/v2/models/{DEFAULT_MODEL}/infer", b""),
-    (f"/v2/models/{DEFAULT_MODEL}/versions/1/infer", b""),
-])
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        ("/classify", b""),
+        ("/classify", f"model={DEFAULT_MODEL}&version=1&top_k=3".encode()),
+        (f"/v2/models/{DEFAULT_MODEL}/infer", b""),
+        (f"/v2/models/{DEFAULT_MODEL}/versions/1/infer", b""),
+    ],
+)
 def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str, query: bytes) -> None:
     """When not one more image fits, the 503 comes before the body is read or the request enters
     FastAPI at all; what was already queued still completes."""
     app = create_app(app_settings(store, max_queue_size=2, max_batch_size=1, max_queue_delay_ms=0))
     png = fashion_pngs(1)[0]
     headers = [(b"host", b"test"), (b"content-type", b"image/png"), (b"content-length", str(len(png)).encode())]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": query, "headers": headers,
-             "client": ("127.0.0.1", 50000), "server": ("test", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query,
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
     body_reads: list[int] = []
     sent: list[dict[str, Any]] = []
 
@@ -329,9 +371,11 @@ def test_a_full_queue_is_refused_before_its_body_is_read(store: Path, path: str,
             release = hold_model(app)  # one request computing, two queued fill the queue
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
                 def post() -> asyncio.Future[httpx.Response]:
-                    return asyncio.ensure_future(client.post("/classify", content=png,
-                                                             headers={"content-type": "image/png"}))
+                    return asyncio.ensure_future(
+                        client.post("/classify", content=png, headers={"content-type": "image/png"})
+                    )
 
                 async def depth_reaches(n: int) -> None:
                     deadline = time.monotonic() + 10
@@ -375,8 +419,9 @@ def test_an_upload_in_progress_holds_no_queue_room(store: Path) -> None:
                     await rest.wait()
                     yield png[10:]
 
-                slow = asyncio.ensure_future(client.post("/classify", content=slow_body(),
-                                                         headers={"content-type": "image/png"}))
+                slow = asyncio.ensure_future(
+                    client.post("/classify", content=slow_body(), headers={"content-type": "image/png"})
+                )
                 await asyncio.sleep(0.2)
                 held = batcher._reserved
                 other = await client.post("/classify", content=png, headers={"content-type": "image/png"})
@@ -387,6 +432,7 @@ def test_an_upload_in_progress_holds_no_queue_room(store: Path) -> None:
 
 
 # ----- readiness with a broken model -----
+
 
 def test_a_failing_request_gives_its_queue_room_back(store: Path) -> None:
     """The door holds room for a request until its admission, and admission for its images until
@@ -445,28 +491,40 @@ def test_ready_is_503_while_a_configured_model_is_not_in_the_store(store: Path) 
 
 def test_top_k_defaults_to_every_class_of_a_model_with_fewer_than_five(tmp_path: Path) -> None:
     name = "three-classes"
-    save_artifact(build("igcv2_fashion", num_classes=3), tmp_path / name, name=name,
-                  architecture={"builder": "igcv2_fashion", "kwargs": {"num_classes": 3}}, labels=["a", "b", "c"],
-                  input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.3], "std": [0.35]}, untrained=True)
+    save_artifact(
+        build("igcv2_fashion", num_classes=3),
+        tmp_path / name,
+        name=name,
+        architecture={"builder": "igcv2_fashion", "kwargs": {"num_classes": 3}},
+        labels=["a", "b", "c"],
+        input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.3], "std": [0.35]},
+        untrained=True,
+    )
     with TestClient(create_app(app_settings(tmp_path, models=name, default_model=name))) as three:
         wait_ready(three)
         response = three.post("/classify", files=multipart(fashion_pngs(2)))
         assert response.status_code == 200, response.text
         for result in response.json()["results"]:
             assert sorted(p["label"] for p in result["predictions"]) == ["a", "b", "c"]
-        assert_error(three.post("/classify", params={"top_k": 4}, files=multipart(fashion_pngs(1))), 422,
-                     "top_k=4 exceeds the 3 classes")
+        assert_error(
+            three.post("/classify", params={"top_k": 4}, files=multipart(fashion_pngs(1))),
+            422,
+            "top_k=4 exceeds the 3 classes",
+        )
 
 
 # ----- metrics labels -----
 
+
 def test_metrics_count_answers_by_route_template_model_and_code(client: TestClient) -> None:
     stranger = f"model-{uuid.uuid4().hex[:8]}"
     watched = {
-        ("/classify", DEFAULT_MODEL, 200): lambda: client.post("/classify", files=multipart(fashion_pngs(1)),
-                                                               headers=AUTH),
-        ("/classify", "unknown", 404): lambda: client.post("/classify", params={"model": stranger},
-                                                           files=multipart(fashion_pngs(1)), headers=AUTH),
+        ("/classify", DEFAULT_MODEL, 200): lambda: client.post(
+            "/classify", files=multipart(fashion_pngs(1)), headers=AUTH
+        ),
+        ("/classify", "unknown", 404): lambda: client.post(
+            "/classify", params={"model": stranger}, files=multipart(fashion_pngs(1)), headers=AUTH
+        ),
         ("/models/{name}", DEFAULT_MODEL, 200): lambda: client.get(f"/models/{DEFAULT_MODEL}", headers=AUTH),
         ("/models/{name}", "unknown", 404): lambda: client.get(f"/models/{stranger}", headers=AUTH),
         ("/models", "", 401): lambda: client.get("/models"),
@@ -495,9 +553,20 @@ def test_requests_in_progress_count_every_stage_but_not_probes_or_scrapes(store:
 
     async def seen_while_answering(path: str) -> float:
         """The gauge at the moment ``path``'s response starts, its request still in progress."""
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-                 "headers": [(b"host", b"test")], "client": ("127.0.0.1", 50000), "server": ("test", 80)}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"test")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("test", 80),
+        }
         seen: list[float] = []
 
         async def receive() -> dict[str, Any]:
@@ -518,15 +587,19 @@ def test_requests_in_progress_count_every_stage_but_not_probes_or_scrapes(store:
             release = hold_model(app)
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                held = [asyncio.ensure_future(client.post("/classify", content=png, headers=png_type))
-                        for png in fashion_pngs(2)]
+                held = [
+                    asyncio.ensure_future(client.post("/classify", content=png, headers=png_type))
+                    for png in fashion_pngs(2)
+                ]
                 try:
                     deadline = time.monotonic() + 10
                     while in_progress() < before + 2:
                         assert time.monotonic() < deadline, f"in progress {in_progress()}, expected {before + 2}"
                         await asyncio.sleep(0.01)
-                    during = {path: await seen_while_answering(path) - before
-                              for path in ("/metrics", "/health/ready", "/health/live", "/v2/health/ready")}
+                    during = {
+                        path: await seen_while_answering(path) - before
+                        for path in ("/metrics", "/health/ready", "/health/live", "/v2/health/ready")
+                    }
                 finally:
                     release.set()
                 codes = [r.status_code for r in await asyncio.gather(*held)]
@@ -541,18 +614,22 @@ def test_requests_in_progress_count_every_stage_but_not_probes_or_scrapes(store:
 def test_metrics_labels_stay_bounded_under_many_names(client: TestClient) -> None:
     series = len(re.findall(r"^igcv2_requests_total\{", client.get("/metrics").text, re.M))
     for i in range(20):
-        client.post("/classify", params={"model": f"x{i}-{uuid.uuid4().hex}"}, files=multipart(fashion_pngs(1)),
-                    headers=AUTH)
+        client.post(
+            "/classify", params={"model": f"x{i}-{uuid.uuid4().hex}"}, files=multipart(fashion_pngs(1)), headers=AUTH
+        )
         client.get(f"/random/{uuid.uuid4().hex}", headers=AUTH)
     grown = len(re.findall(r"^igcv2_requests_total\{", client.get("/metrics").text, re.M)) - series
     assert grown <= 2, f"{grown} new series for 40 requests with 40 different names and paths"
 
 
-@pytest.mark.parametrize(("query", "expected"), [
-    (b"", (None, None)),
-    (b"model=a&version=2", ("a", "2")),
-    (b"model=nosuch&model=igcv2-fashion&version=1&version=2", ("igcv2-fashion", "2")),  # the last, as FastAPI
-])
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"", (None, None)),
+        (b"model=a&version=2", ("a", "2")),
+        (b"model=nosuch&model=igcv2-fashion&version=1&version=2", ("igcv2-fashion", "2")),  # the last, as FastAPI
+    ],
+)
 def test_the_layers_read_the_query_as_the_routes_do(query: bytes, expected: tuple[str | None, str | None]) -> None:
     """Metrics and shedding must name the model the route serves, not another one given first."""
     assert classify_target(query) == expected

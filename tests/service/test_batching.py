@@ -72,11 +72,18 @@ class Instance:
         return self.model(inputs)
 
 
-def make(model: Model, *, max_batch_size: int = 4, delay_s: float = 0.0, queue: int = 64,
-         instances: int = 1) -> tuple[DynamicBatcher, dict[str, str]]:
+def make(
+    model: Model, *, max_batch_size: int = 4, delay_s: float = 0.0, queue: int = 64, instances: int = 1
+) -> tuple[DynamicBatcher, dict[str, str]]:
     labels = {"model": f"batching-test-{next(_names)}", "version": "1"}
-    batcher = DynamicBatcher([Instance(model) for _ in range(instances)], max_batch_size=max_batch_size,
-                             max_queue_delay_s=delay_s, max_queue_size=queue, model=labels["model"], version=1)
+    batcher = DynamicBatcher(
+        [Instance(model) for _ in range(instances)],
+        max_batch_size=max_batch_size,
+        max_queue_delay_s=delay_s,
+        max_queue_size=queue,
+        model=labels["model"],
+        version=1,
+    )
     batcher.start()
     return batcher, labels
 
@@ -108,6 +115,7 @@ def run(coroutine: Callable[[], Awaitable[None]]) -> None:
 
 
 # ----- dispatch policy -----
+
 
 def test_lone_request_on_an_idle_instance_is_dispatched_at_once() -> None:
     async def main() -> None:
@@ -145,6 +153,7 @@ def test_requests_gather_into_batches_while_the_instance_is_busy() -> None:
 def test_the_next_batch_starts_while_the_event_loop_is_busy() -> None:
     """Batches are formed on the inference thread: when a batch ends, the next one starts at once even
     while the event loop is held up (parsing and decoding a burst of arrivals, here a blocking sleep)."""
+
     async def main() -> None:
         model = Model(gate=threading.Event())
         batcher, _ = make(model, max_batch_size=4)
@@ -182,8 +191,15 @@ def test_an_instance_takes_the_cut_that_the_bucket_times_say() -> None:
     async def main() -> None:
         model = Model(gate=threading.Event())
         labels = {"model": f"batching-test-{next(_names)}", "version": "1"}
-        batcher = DynamicBatcher([Instance(model)], max_batch_size=32, max_queue_delay_s=0.0, max_queue_size=64,
-                                 model=labels["model"], version=1, bucket_seconds=CPU_BUCKETS)
+        batcher = DynamicBatcher(
+            [Instance(model)],
+            max_batch_size=32,
+            max_queue_delay_s=0.0,
+            max_queue_size=64,
+            model=labels["model"],
+            version=1,
+            bucket_seconds=CPU_BUCKETS,
+        )
         batcher.start()
         first = asyncio.create_task(classify(batcher, 0))
         await until(model.started.is_set)
@@ -209,11 +225,19 @@ def test_fill_waits_are_worth_no_more_than_the_padding_costs() -> None:
 
 def test_an_instance_waits_briefly_for_images_that_fill_its_bucket() -> None:
     """3 queued with bucket 4 next: worth waiting t_4 / 3 = 0.1 s for a 4th, and no longer."""
+
     async def main() -> None:
         model = Model(gate=threading.Event())
         labels = {"model": f"batching-test-{next(_names)}", "version": "1"}
-        batcher = DynamicBatcher([Instance(model)], max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=64,
-                                 model=labels["model"], version=1, bucket_seconds={1: 0.1, 2: 0.19, 4: 0.3})
+        batcher = DynamicBatcher(
+            [Instance(model)],
+            max_batch_size=4,
+            max_queue_delay_s=0.0,
+            max_queue_size=64,
+            model=labels["model"],
+            version=1,
+            bucket_seconds={1: 0.1, 2: 0.19, 4: 0.3},
+        )
         batcher.start()
         first = asyncio.create_task(classify(batcher, 0))
         await until(model.started.is_set)
@@ -258,6 +282,7 @@ def test_concurrent_requests_each_get_their_own_outputs() -> None:
 
 # ----- max_queue_delay, measured from the oldest queued image's arrival -----
 
+
 def test_queue_delay_holds_a_lone_request_for_the_delay_and_no_longer() -> None:
     async def main() -> None:
         model = Model()
@@ -294,6 +319,7 @@ def test_queue_delay_timer_starts_at_the_oldest_arrival_not_at_later_ones() -> N
 def test_queue_delay_counts_time_spent_waiting_for_a_busy_instance() -> None:
     """An image that already waited longer than the delay while the instance was busy leaves at once
     when the instance frees up (TorchServe/LitServe would start the timer only then)."""
+
     async def main() -> None:
         model = Model(gate=threading.Event())
         batcher, _ = make(model, max_batch_size=8, delay_s=0.08)
@@ -327,11 +353,18 @@ def test_a_full_batch_does_not_wait_for_the_delay() -> None:
 def test_the_delay_ends_early_for_a_deadline_that_cannot_wait_for_it() -> None:
     """A request whose deadline falls inside the delay is computed in time, not answered 504 after
     waiting for companions: alone, and arriving while another waits (it wakes the gathering)."""
+
     async def main() -> None:
         model = Model()
-        batcher = DynamicBatcher([Instance(model)], max_batch_size=8, max_queue_delay_s=5.0, max_queue_size=64,
-                                 model=f"batching-test-{next(_names)}", version=1,
-                                 bucket_seconds=dict.fromkeys((1, 2, 4, 8), 0.2))  # a call takes 0.2 s at most
+        batcher = DynamicBatcher(
+            [Instance(model)],
+            max_batch_size=8,
+            max_queue_delay_s=5.0,
+            max_queue_size=64,
+            model=f"batching-test-{next(_names)}",
+            version=1,
+            bucket_seconds=dict.fromkeys((1, 2, 4, 8), 0.2),
+        )  # a call takes 0.2 s at most
         batcher.start()
         started = time.monotonic()
         outputs = await batcher.submit([image(1)], started + 1.0)  # a 504 if it waited for the 5 s delay
@@ -349,6 +382,7 @@ def test_the_delay_ends_early_for_a_deadline_that_cannot_wait_for_it() -> None:
 
 
 # ----- bounded queue -----
+
 
 def test_full_queue_refuses_at_once_with_retry_after() -> None:
     async def main() -> None:
@@ -384,6 +418,7 @@ def test_the_door_asks_room_for_as_many_images_as_requests_lately_brought_and_ho
     """Requests of 4 with 2 places left: one image would fit, but the next request will not, and a
     refusal after its body is read and parsed costs the event loop as much as an answer. Room held
     from a body's arrival keeps requests being parsed together from outnumbering the room."""
+
     async def main() -> None:
         batcher, labels = make(Model(), queue=10)
         room = batcher.door()
@@ -430,6 +465,7 @@ def test_the_door_asks_room_for_as_many_images_as_requests_lately_brought_and_ho
 def test_request_larger_than_the_queue_is_413_not_a_retry() -> None:
     """An empty queue would not hold it either: a 503 telling the client to retry (and counted as
     shed load, which alerts) would be a lie."""
+
     async def main() -> None:
         model = Model()
         batcher, labels = make(model, queue=4)
@@ -446,6 +482,7 @@ def test_request_larger_than_the_queue_is_413_not_a_retry() -> None:
 def test_admitted_requests_hold_their_room_until_queued() -> None:
     """Room is reserved at admission, before decoding: a request admitted is not refused after
     decoding because others were admitted meanwhile, and later ones are refused before theirs."""
+
     async def main() -> None:
         model = Model()
         batcher, _ = make(model, queue=4)
@@ -470,6 +507,7 @@ def test_admitted_requests_hold_their_room_until_queued() -> None:
 def test_close_reports_a_batch_still_computing_and_only_that() -> None:
     """An idle batcher closed at once (a forced shutdown) is not stuck, though its threads have not
     woken yet; one whose model call outlives the timeout is, until that call returns."""
+
     async def main() -> None:
         idle, _ = make(Model())
         assert await idle.close(0) is True and not idle.computing()
@@ -487,6 +525,7 @@ def test_close_reports_a_batch_still_computing_and_only_that() -> None:
 
 
 # ----- deadlines -----
+
 
 def test_deadline_passing_in_the_queue_is_504_and_never_computed() -> None:
     async def main() -> None:
@@ -547,6 +586,7 @@ def test_only_the_expired_request_of_a_batch_is_dropped() -> None:
 
 def test_a_request_timed_out_while_its_batch_computes_is_not_counted_as_dropped() -> None:
     """The image is computed (for nobody): igcv2_images_total counts it, the deadline drops do not."""
+
     async def main() -> None:
         model = Model(gate=threading.Event())
         batcher, labels = make(model)
@@ -565,6 +605,7 @@ def test_a_request_timed_out_while_its_batch_computes_is_not_counted_as_dropped(
 def test_a_cancelled_request_takes_its_images_out_of_the_queue() -> None:
     """uvicorn cancels requests still running at the shutdown timeout: their images must neither hold
     the bounded queue nor be computed for nobody."""
+
     async def main() -> None:
         model = Model(gate=threading.Event())
         batcher, labels = make(model, max_batch_size=8, queue=3)
@@ -590,6 +631,7 @@ def test_a_request_whose_client_left_is_withdrawn_and_answered_499() -> None:
     """A client that closes its connection while its images wait: they leave the queue at once, are
     never computed, and count as client_left; one that left before its images were queued never
     queues them; the task's own cancellation stays a cancellation."""
+
     async def main() -> None:
         model = Model(gate=threading.Event())
         batcher, labels = make(model, max_batch_size=8, queue=3)
@@ -626,6 +668,7 @@ def test_a_request_whose_client_left_is_withdrawn_and_answered_499() -> None:
 
 
 # ----- failures and shutdown -----
+
 
 def test_inference_error_fails_only_its_batch() -> None:
     async def main() -> None:
@@ -687,6 +730,7 @@ def test_close_finishes_queued_work_then_stops() -> None:
 
 def test_close_timeout_answers_every_waiting_request() -> None:
     """An instance stuck past the shutdown timeout: queued and in-flight requests get 503, none hangs."""
+
     async def main() -> None:
         model = Model(gate=threading.Event())  # never opened
         batcher, _ = make(model, max_batch_size=1)
@@ -704,6 +748,7 @@ def test_close_timeout_answers_every_waiting_request() -> None:
 
 
 # ----- metrics -----
+
 
 def test_metrics_follow_the_queue_and_the_batches() -> None:
     async def main() -> None:

@@ -11,8 +11,7 @@ from pydantic import ValidationError
 
 from service.config import BATCHING_FIELDS, Settings, env_name, usable_cpus
 
-SERVING = {"max_batch_size": 8, "max_queue_delay_ms": 5, "max_queue_size": 100, "request_timeout_s": 2,
-           "instances": 2}
+SERVING = {"max_batch_size": 8, "max_queue_delay_ms": 5, "max_queue_size": 100, "request_timeout_s": 2, "instances": 2}
 
 
 def settings(**kwargs: Any) -> Settings:
@@ -63,6 +62,7 @@ def test_env_name() -> None:
 
 # ----- batching precedence: defaults < serving section < explicit IGCV2_* -----
 
+
 def test_batching_defaults_without_serving_section() -> None:
     s = settings()
     assert s.batching_for({}) == {name: getattr(s, name) for name in BATCHING_FIELDS}
@@ -78,8 +78,11 @@ def test_serving_section_refuses_other_settings() -> None:
     """Neither a setting only the operator sets (an artifact must not choose the device or the key)
     nor a typo, which silently ignored would leave the author believing it applied."""
     for extra in ({"device": "cuda"}, {"api_key": "x"}, {"max_body_bytes": 1}, {"max_batch_sise": 4}):
-        with pytest.raises(ValueError, match=f"invalid serving section in config.json: '{next(iter(extra))}' not "
-                                             "allowed; it may set max_batch_size, "):
+        with pytest.raises(
+            ValueError,
+            match=f"invalid serving section in config.json: '{next(iter(extra))}' not "
+            "allowed; it may set max_batch_size, ",
+        ):
             settings().batching_for({**SERVING, **extra})
 
 
@@ -96,16 +99,19 @@ def test_explicit_constructor_argument_beats_serving_section() -> None:
     assert settings(max_queue_delay_ms=0).batching_for(SERVING)["max_queue_delay_ms"] == 0.0
 
 
-@pytest.mark.parametrize("serving", [
-    {"max_batch_size": 0},
-    {"max_batch_size": 4096},
-    {"max_batch_size": "many"},
-    {"max_batch_size": 2.5},
-    {"max_queue_size": 0},
-    {"max_queue_delay_ms": -1},
-    {"request_timeout_s": 0},
-    {"instances": 0},
-])
+@pytest.mark.parametrize(
+    "serving",
+    [
+        {"max_batch_size": 0},
+        {"max_batch_size": 4096},
+        {"max_batch_size": "many"},
+        {"max_batch_size": 2.5},
+        {"max_queue_size": 0},
+        {"max_queue_delay_ms": -1},
+        {"request_timeout_s": 0},
+        {"instances": 0},
+    ],
+)
 def test_invalid_serving_section_is_rejected(serving: dict[str, Any]) -> None:
     """An artifact cannot sneak in a value the operator could not set (e.g. a batch of 0)."""
     field = next(iter(serving))
@@ -115,14 +121,18 @@ def test_invalid_serving_section_is_rejected(serving: dict[str, Any]) -> None:
 
 # ----- IGCV2_MODELS -----
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("", []),
-    ("a", [("a", None)]),
-    ("a, b:3", [("a", None), ("b", 3)]),
-    (" igcv2-fashion:2 ,, other.model ", [("igcv2-fashion", 2), ("other.model", None)]),
-    ("m:2,m:1,m", [("m", 2), ("m", 1), ("m", None)]),  # several versions of one model, side by side
-    ("m:1,m:1,m,m", [("m", 1), ("m", None)]),
-])
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", []),
+        ("a", [("a", None)]),
+        ("a, b:3", [("a", None), ("b", 3)]),
+        (" igcv2-fashion:2 ,, other.model ", [("igcv2-fashion", 2), ("other.model", None)]),
+        ("m:2,m:1,m", [("m", 2), ("m", 1), ("m", None)]),  # several versions of one model, side by side
+        ("m:1,m:1,m,m", [("m", 1), ("m", None)]),
+    ],
+)
 def test_wanted_models(monkeypatch: pytest.MonkeyPatch, value: str, expected: list[tuple[str, int | None]]) -> None:
     monkeypatch.setenv("IGCV2_MODELS", value)
     assert settings().wanted_models() == expected
@@ -134,8 +144,9 @@ def test_models_as_a_list() -> None:
         settings(models=["a\n"])  # a list is not stripped, and "$" would match before the newline
 
 
-@pytest.mark.parametrize("value", ["a:x", "a:0", "a:-1", "a:1.5", "../x", "a/b:1", ":3",
-                                   "a:\u0663", "a:01", "a:" + "9" * 30])  # an Arabic-Indic 3, a leading 0, 30 digits
+@pytest.mark.parametrize(
+    "value", ["a:x", "a:0", "a:-1", "a:1.5", "../x", "a/b:1", ":3", "a:\u0663", "a:01", "a:" + "9" * 30]
+)  # an Arabic-Indic 3, a leading 0, 30 digits
 def test_invalid_models_are_rejected(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("IGCV2_MODELS", value)
     with pytest.raises(ValidationError, match="models"):
@@ -143,6 +154,7 @@ def test_invalid_models_are_rejected(monkeypatch: pytest.MonkeyPatch, value: str
 
 
 # ----- invalid values -----
+
 
 @pytest.mark.parametrize("name", ["IGCV2_API_KEY", "IGCV2_ADMIN_KEY"])
 @pytest.mark.parametrize("value", ["", "  "])
@@ -152,26 +164,30 @@ def test_an_empty_key_is_refused_not_taken_as_no_key(monkeypatch: pytest.MonkeyP
     with pytest.raises(ValidationError, match="must not be empty or blank"):
         settings()
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("IGCV2_MAX_BATCH_SIZE", "0"),
-    ("IGCV2_MAX_BATCH_SIZE", "2000"),
-    ("IGCV2_MAX_BATCH_SIZE", "abc"),
-    ("IGCV2_MAX_QUEUE_DELAY_MS", "-1"),
-    ("IGCV2_MAX_QUEUE_SIZE", "0"),
-    ("IGCV2_REQUEST_TIMEOUT_S", "0"),
-    ("IGCV2_INSTANCES", "0"),
-    ("IGCV2_MAX_BODY_BYTES", "10"),
-    ("IGCV2_MAX_IMAGE_PIXELS", "0"),
-    ("IGCV2_PORT", "0"),
-    ("IGCV2_PORT", "70000"),
-    ("IGCV2_PRECISION", "float64"),
-    ("IGCV2_LOG_LEVEL", "loud"),
-    ("IGCV2_COMPILE", "maybe"),
-    ("IGCV2_CPU_THREADS", "-2"),
-    ("IGCV2_CPUS", "-1"),
-    ("IGCV2_DEVICE", "gpu"),
-    ("IGCV2_DEVICE", "cuda:x"),
-])
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("IGCV2_MAX_BATCH_SIZE", "0"),
+        ("IGCV2_MAX_BATCH_SIZE", "2000"),
+        ("IGCV2_MAX_BATCH_SIZE", "abc"),
+        ("IGCV2_MAX_QUEUE_DELAY_MS", "-1"),
+        ("IGCV2_MAX_QUEUE_SIZE", "0"),
+        ("IGCV2_REQUEST_TIMEOUT_S", "0"),
+        ("IGCV2_INSTANCES", "0"),
+        ("IGCV2_MAX_BODY_BYTES", "10"),
+        ("IGCV2_MAX_IMAGE_PIXELS", "0"),
+        ("IGCV2_PORT", "0"),
+        ("IGCV2_PORT", "70000"),
+        ("IGCV2_PRECISION", "float64"),
+        ("IGCV2_LOG_LEVEL", "loud"),
+        ("IGCV2_COMPILE", "maybe"),
+        ("IGCV2_CPU_THREADS", "-2"),
+        ("IGCV2_CPUS", "-1"),
+        ("IGCV2_DEVICE", "gpu"),
+        ("IGCV2_DEVICE", "cuda:x"),
+    ],
+)
 def test_invalid_values_are_rejected(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     field = name.removeprefix("IGCV2_").lower()
@@ -194,14 +210,17 @@ def test_boolean_spellings(monkeypatch: pytest.MonkeyPatch, value: str, expected
 AFFINITY = len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize(("cpu_max", "expected"), [
-    ("max 100000\n", AFFINITY),  # no quota
-    ("50000 100000\n", 1),  # half a core still gets a thread
-    ("150000 100000\n", min(AFFINITY, 2)),  # docker --cpus 1.5: rounded up
-    ("800000000 100000\n", AFFINITY),  # a quota above the CPUs it may run on
-    ("garbage\n", AFFINITY),
-    (None, AFFINITY),  # cgroup v1, or no CPU controller
-])
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000\n", AFFINITY),  # no quota
+        ("50000 100000\n", 1),  # half a core still gets a thread
+        ("150000 100000\n", min(AFFINITY, 2)),  # docker --cpus 1.5: rounded up
+        ("800000000 100000\n", AFFINITY),  # a quota above the CPUs it may run on
+        ("garbage\n", AFFINITY),
+        (None, AFFINITY),  # cgroup v1, or no CPU controller
+    ],
+)
 def test_usable_cpus_honour_the_cgroup_quota(tmp_path: Path, cpu_max: str | None, expected: int) -> None:
     if cpu_max is not None:
         (tmp_path / "cpu.max").write_text(cpu_max)

@@ -35,8 +35,9 @@ def encode(image: Image.Image, fmt: str, **save_args: Any) -> bytes:
 def pattern(h: int = SIDE, w: int = SIDE) -> np.ndarray:
     """A smooth RGB pattern (JPEG keeps it well) that differs along both axes and in every channel."""
     y, x = np.mgrid[0:h, 0:w]
-    return np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) * 127 // max(h + w - 2, 1) + 64],
-                    -1).astype(np.uint8)
+    return np.stack(
+        [x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) * 127 // max(h + w - 2, 1) + 64], -1
+    ).astype(np.uint8)
 
 
 def alpha(h: int = SIDE, w: int = SIDE) -> np.ndarray:
@@ -59,8 +60,19 @@ def gray_of(rgb: np.ndarray) -> np.ndarray:
 
 def palette_image(transparent: bool = True) -> tuple[Image.Image, np.ndarray]:
     """A P image of 8 colours, index 0 transparent; returns it and the expected RGB on black."""
-    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255],
-                        [255, 0, 255], [200, 200, 200]], np.uint8)
+    colours = np.array(
+        [
+            [0, 0, 0],
+            [255, 0, 0],
+            [0, 255, 0],
+            [0, 0, 255],
+            [255, 255, 0],
+            [0, 255, 255],
+            [255, 0, 255],
+            [200, 200, 200],
+        ],
+        np.uint8,
+    )
     colours[0] = [250, 250, 250]  # the transparent index has a bright colour that must NOT show
     y, x = np.mgrid[0:SIDE, 0:SIDE]
     index = ((x // 4 + y // 4) % 8).astype(np.uint8)
@@ -101,22 +113,39 @@ def source(mode: str, fmt: str) -> tuple[Image.Image, np.ndarray]:
 
 # (format, mode, save args, lossless)
 CASES = [
-    ("PNG", "L", {}, True), ("PNG", "RGB", {}, True), ("PNG", "RGBA", {}, True), ("PNG", "P", {}, True),
-    ("PNG", "I;16", {}, True), ("PNG", "LA", {}, True),
-    ("JPEG", "L", {"quality": 95}, False), ("JPEG", "RGB", {"quality": 95}, False),
+    ("PNG", "L", {}, True),
+    ("PNG", "RGB", {}, True),
+    ("PNG", "RGBA", {}, True),
+    ("PNG", "P", {}, True),
+    ("PNG", "I;16", {}, True),
+    ("PNG", "LA", {}, True),
+    ("JPEG", "L", {"quality": 95}, False),
+    ("JPEG", "RGB", {"quality": 95}, False),
     ("JPEG", "CMYK", {"quality": 95}, False),
-    ("GIF", "P", {}, True), ("GIF", "L", {}, True),
-    ("WEBP", "RGB", {"lossless": True}, True), ("WEBP", "RGBA", {"lossless": True, "exact": True}, True),
+    ("GIF", "P", {}, True),
+    ("GIF", "L", {}, True),
+    ("WEBP", "RGB", {"lossless": True}, True),
+    ("WEBP", "RGBA", {"lossless": True, "exact": True}, True),
     ("WEBP", "RGB", {"quality": 95}, False),
-    ("BMP", "L", {}, True), ("BMP", "RGB", {}, True), ("BMP", "P", {}, True),
-    ("TIFF", "L", {}, True), ("TIFF", "RGB", {}, True), ("TIFF", "RGBA", {}, True), ("TIFF", "P", {}, True),
-    ("TIFF", "I;16", {}, True), ("TIFF", "CMYK", {}, True), ("TIFF", "RGB", {"compression": "tiff_lzw"}, True),
+    ("BMP", "L", {}, True),
+    ("BMP", "RGB", {}, True),
+    ("BMP", "P", {}, True),
+    ("TIFF", "L", {}, True),
+    ("TIFF", "RGB", {}, True),
+    ("TIFF", "RGBA", {}, True),
+    ("TIFF", "P", {}, True),
+    ("TIFF", "I;16", {}, True),
+    ("TIFF", "CMYK", {}, True),
+    ("TIFF", "RGB", {"compression": "tiff_lzw"}, True),
 ]
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize(("fmt", "mode", "save_args", "lossless"), CASES,
-                         ids=[f"{f}-{m}-{'lossless' if ok else 'lossy'}" for f, m, _, ok in CASES])
+@pytest.mark.parametrize(
+    ("fmt", "mode", "save_args", "lossless"),
+    CASES,
+    ids=[f"{f}-{m}-{'lossless' if ok else 'lossy'}" for f, m, _, ok in CASES],
+)
 def test_formats_and_modes_decode_to_what_a_viewer_sees(
     fmt: str, mode: str, save_args: dict[str, Any], lossless: bool, channels: int
 ) -> None:
@@ -152,6 +181,7 @@ def test_fashion_mnist_png_round_trip() -> None:
 
 # ----- geometry: shorter side resized, centre crop -----
 
+
 def test_shorter_side_resized_then_centre_cropped() -> None:
     bands = np.zeros((SIDE, 3 * SIDE, 3), np.uint8)
     bands[:, :SIDE] = [255, 0, 0]
@@ -171,6 +201,7 @@ def test_any_size_fits_a_non_square_input(h: int, w: int) -> None:
 
 # ----- EXIF orientation -----
 
+
 def with_orientation(image: Image.Image, fmt: str, orientation: int, **save_args: Any) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -178,12 +209,17 @@ def with_orientation(image: Image.Image, fmt: str, orientation: int, **save_args
 
 
 # Orientation tag -> the transpose that makes the stored pixels upright (EXIF 2.3).
-UPRIGHT = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90,
-           2: Image.Transpose.FLIP_LEFT_RIGHT}
+UPRIGHT = {
+    3: Image.Transpose.ROTATE_180,
+    6: Image.Transpose.ROTATE_270,
+    8: Image.Transpose.ROTATE_90,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+}
 
 
-@pytest.mark.parametrize(("fmt", "orientation"), [("PNG", 3), ("PNG", 6), ("PNG", 8), ("PNG", 2), ("JPEG", 6),
-                                                  ("WEBP", 8), ("TIFF", 6)])
+@pytest.mark.parametrize(
+    ("fmt", "orientation"), [("PNG", 3), ("PNG", 6), ("PNG", 8), ("PNG", 2), ("JPEG", 6), ("WEBP", 8), ("TIFF", 6)]
+)
 def test_exif_orientation_is_applied(fmt: str, orientation: int) -> None:
     stored = Image.fromarray(pattern(SIDE, 2 * SIDE))  # landscape as stored
     args: dict[str, Any] = {"quality": 95} if fmt == "JPEG" else ({"lossless": True} if fmt == "WEBP" else {})
@@ -197,6 +233,7 @@ def test_exif_orientation_is_applied(fmt: str, orientation: int) -> None:
 
 # ----- animations: the first frame -----
 
+
 @pytest.mark.parametrize(("fmt", "args"), [("GIF", {}), ("PNG", {}), ("WEBP", {"lossless": True})])
 def test_animation_gives_its_first_frame(fmt: str, args: dict[str, Any]) -> None:
     frames = [Image.fromarray(np.full((SIDE, SIDE), value, np.uint8)).convert("RGB") for value in (40, 140, 240)]
@@ -209,6 +246,7 @@ def test_animation_gives_its_first_frame(fmt: str, args: dict[str, Any]) -> None
 
 
 # ----- large JPEGs: draft() decodes at reduced scale, same picture -----
+
 
 def large_photo(h: int = 2000, w: int = 3000) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w]
@@ -241,8 +279,10 @@ def test_large_jpeg_uses_draft_and_matches_a_full_decode(monkeypatch: pytest.Mon
 
 # ----- limits: decoded pixels (decompression bombs) -----
 
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares ``width`` x ``height`` but carries almost no data (a decompression bomb's header)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -250,13 +290,17 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize(("width", "height", "max_pixels"), [
-    (100_000, 100_000, 10**9),  # over twice ours, where Pillow's own check errors instead of warning
-    (8_000, 8_000, LIMIT),
-    (40_001, 1_000, LIMIT),
-])
-def test_declared_dimensions_over_the_limit_are_refused_before_decoding(width: int, height: int,
-                                                                         max_pixels: int) -> None:
+@pytest.mark.parametrize(
+    ("width", "height", "max_pixels"),
+    [
+        (100_000, 100_000, 10**9),  # over twice ours, where Pillow's own check errors instead of warning
+        (8_000, 8_000, LIMIT),
+        (40_001, 1_000, LIMIT),
+    ],
+)
+def test_declared_dimensions_over_the_limit_are_refused_before_decoding(
+    width: int, height: int, max_pixels: int
+) -> None:
     with pytest.raises(TooLarge, match=f"the limit of {max_pixels}"):
         decode_image(png_header_only(width, height), GRAY, max_pixels, "bomb.png")
 
@@ -277,6 +321,7 @@ def test_real_image_over_the_pixel_limit(fmt: str) -> None:
 
 
 # ----- undecodable input -----
+
 
 def truncated(data: bytes, fraction: float) -> bytes:
     return data[: int(len(data) * fraction)]
@@ -310,16 +355,35 @@ def test_undecodable_input_is_bad_input(case: str) -> None:
 
 # ----- declared media type -----
 
-@pytest.mark.parametrize("content_type", [
-    "image/png", "image/jpeg", "IMAGE/WEBP", "image/gif; charset=binary", "image/x-anything",
-    "application/octet-stream", "", None,
-])
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "image/png",
+        "image/jpeg",
+        "IMAGE/WEBP",
+        "image/gif; charset=binary",
+        "image/x-anything",
+        "application/octet-stream",
+        "",
+        None,
+    ],
+)
 def test_accepted_media_types(content_type: str | None) -> None:
     check_media_type(content_type)
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/json", "application/pdf", "video/mp4",
-                                          "text/plain; charset=utf-8", "multipart/form-data"])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/json",
+        "application/pdf",
+        "video/mp4",
+        "text/plain; charset=utf-8",
+        "multipart/form-data",
+    ],
+)
 def test_refused_media_types(content_type: str) -> None:
     with pytest.raises(UnsupportedMediaType) as info:
         check_media_type(content_type)
@@ -349,9 +413,10 @@ def test_arbitrary_bytes_raise_only_documented_errors(data: bytes, channels: int
     decode_or_refuse(data, SPECS[channels], 1_000_000)
 
 
-SEEDS = {fmt: encode(Image.fromarray(pattern(20, 24)).convert(mode), fmt)
-         for fmt, mode in [("PNG", "RGB"), ("JPEG", "RGB"), ("GIF", "P"), ("WEBP", "RGB"), ("BMP", "RGB"),
-                           ("TIFF", "RGB")]}
+SEEDS = {
+    fmt: encode(Image.fromarray(pattern(20, 24)).convert(mode), fmt)
+    for fmt, mode in [("PNG", "RGB"), ("JPEG", "RGB"), ("GIF", "P"), ("WEBP", "RGB"), ("BMP", "RGB"), ("TIFF", "RGB")]
+}
 
 
 @pytest.mark.filterwarnings("ignore:.*:UserWarning:PIL")  # Pillow warns about the broken TIFF tags it skips
@@ -418,8 +483,9 @@ def valid_images(draw: st.DrawFn) -> tuple[bytes, str, str]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(image=valid_images(), channels=st.sampled_from([1, 3]), height=st.integers(1, 40), width=st.integers(1, 40))
-def test_every_valid_image_decodes_to_the_input_shape(image: tuple[bytes, str, str], channels: int, height: int,
-                                                       width: int) -> None:
+def test_every_valid_image_decodes_to_the_input_shape(
+    image: tuple[bytes, str, str], channels: int, height: int, width: int
+) -> None:
     data, fmt, mode = image
     spec = InputSpec(height=height, width=width, channels=channels, mean=[0.5] * channels, std=[0.5] * channels)
     out = decode_image(data, spec, 1_000_000)

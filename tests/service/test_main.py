@@ -31,8 +31,14 @@ def service_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def run_service(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service", *args], cwd=cwd, env=service_env(env),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=cwd,
+        env=service_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_help_lists_every_setting(tmp_path: Path) -> None:
@@ -59,15 +65,19 @@ def test_invalid_environment_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("IGCV2_MAX_BATCH_SIZE", "0"),
-    ("IGCV2_LOG_LEVEL", "loud"),
-    ("IGCV2_MODELS", "a:x"),
-    ("IGCV2_DEVICE", "gpu"),
-    ("IGCV2_COMPILE", "perhaps"),
-])
-def test_each_invalid_setting_is_named(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                                       tmp_path: Path, name: str, value: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("IGCV2_MAX_BATCH_SIZE", "0"),
+        ("IGCV2_LOG_LEVEL", "loud"),
+        ("IGCV2_MODELS", "a:x"),
+        ("IGCV2_DEVICE", "gpu"),
+        ("IGCV2_COMPILE", "perhaps"),
+    ],
+)
+def test_each_invalid_setting_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, value: str
+) -> None:
     monkeypatch.chdir(tmp_path)  # no .env of the developer's
     monkeypatch.setenv(name, value)
     assert main([]) == 2
@@ -76,8 +86,9 @@ def test_each_invalid_setting_is_named(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert name in err and value in err
 
 
-def test_several_invalid_settings_are_all_reported(monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_several_invalid_settings_are_all_reported(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IGCV2_PORT", "0")
     monkeypatch.setenv("IGCV2_PRECISION", "float64")
@@ -129,8 +140,14 @@ def test_a_taken_port_exits_at_once_while_the_model_still_compiles() -> None:
 
 def test_sigterm_during_warm_up_exits_0_without_waiting_for_the_compile() -> None:
     """A container stopped while it warms up (a rolling update) stops at once, with success."""
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, text=True, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, env=service_env({"IGCV2_PORT": str(free_port())}))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        text=True,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env=service_env({"IGCV2_PORT": str(free_port())}),
+    )
     assert process.stderr is not None
     try:
         for line in process.stderr:  # uvicorn serves health probes while the model loads in a thread
@@ -158,10 +175,21 @@ def test_sigterm_during_a_control_route_load_exits_0_without_waiting_for_it(tmp_
     config = store / "igcv2-fashion" / "2" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "version": 2}))
     port = free_port()
-    env = {"IGCV2_PORT": str(port), "IGCV2_MODEL_STORE": str(store), "IGCV2_MODELS": "igcv2-fashion:1",
-           "IGCV2_MAX_BATCH_SIZE": "2", "IGCV2_SHUTDOWN_TIMEOUT_S": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=tmp_path, text=True, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, env=service_env(env))
+    env = {
+        "IGCV2_PORT": str(port),
+        "IGCV2_MODEL_STORE": str(store),
+        "IGCV2_MODELS": "igcv2-fashion:1",
+        "IGCV2_MAX_BATCH_SIZE": "2",
+        "IGCV2_SHUTDOWN_TIMEOUT_S": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        cwd=tmp_path,
+        text=True,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env=service_env(env),
+    )
     assert process.stderr is not None
     try:
         for line in process.stderr:

@@ -51,8 +51,10 @@ def test_the_longest_timeout_is_an_hour_as_for_x_request_timeout() -> None:
 def test_request_parameters_outputs_and_timeout() -> None:
     body = request_body(
         [uint8_input()],
-        outputs=[{"name": "probabilities", "parameters": {"classification": 3}},
-                 {"name": "logits", "parameters": {"binary_data": True}}],
+        outputs=[
+            {"name": "probabilities", "parameters": {"classification": 3}},
+            {"name": "logits", "parameters": {"binary_data": True}},
+        ],
         parameters={"binary_data_output": True, "timeout": 2_500_000},
     )
     parsed = oip.parse_request(body)
@@ -66,9 +68,11 @@ def test_binary_request_made_by_tritonclient_is_parsed() -> None:
     images = np.random.default_rng(0).integers(0, 256, (3, 4, 3, 1), dtype=np.uint8)
     files = np.array([b"\x89PNG first", b"", b"third \x00 file"], dtype=object)
     normalized = np.random.default_rng(1).standard_normal((2, 1, 4, 3)).astype(np.float32)
-    inputs = [triton.InferInput("image", list(images.shape), "UINT8"),
-              triton.InferInput("encoded", [3], "BYTES"),
-              triton.InferInput("normalized", list(normalized.shape), "FP32")]
+    inputs = [
+        triton.InferInput("image", list(images.shape), "UINT8"),
+        triton.InferInput("encoded", [3], "BYTES"),
+        triton.InferInput("normalized", list(normalized.shape), "FP32"),
+    ]
     inputs[0].set_data_from_numpy(images)
     inputs[1].set_data_from_numpy(files)
     inputs[2].set_data_from_numpy(normalized, binary_data=False)  # mixed: JSON data between binary ones
@@ -100,16 +104,25 @@ def test_binary_request_made_by_tritonclient_is_parsed() -> None:
         (request_body([{**uint8_input(n=1), "data": [0.5] * 12}]), None, "must be a JSON integer"),
         (request_body([{**uint8_input(n=1), "data": [True] * 12}]), None, "must be a JSON integer"),
         (request_body([{**uint8_input(n=1), "data": ["1"] * 12}]), None, "must be a JSON integer"),
-        (b'{"inputs": [{"name": "normalized", "datatype": "FP32", "shape": [1], "data": [NaN]}]}', None,
-         "NaN is not a valid JSON number"),
+        (
+            b'{"inputs": [{"name": "normalized", "datatype": "FP32", "shape": [1], "data": [NaN]}]}',
+            None,
+            "NaN is not a valid JSON number",
+        ),
         (request_body([uint8_input(), uint8_input()]), None, "names must be unique"),
         (request_body([{k: v for k, v in uint8_input().items() if k != "data"}]), None, "no 'data'"),
         (request_body([uint8_input(parameters={"binary_data_size": 0})]), None, "both 'data' and binary_data_size"),
         (request_body([uint8_input(parameters={"shared_memory_region": "r"})]), None, "shared-memory"),
-        (request_body([uint8_input()], outputs=[{"name": "p", "parameters": {"classification": -1}}]), None,
-         "non-negative integer"),
-        (request_body([uint8_input()], outputs=[{"name": "p", "parameters": {"binary_data": "yes"}}]), None,
-         "true or false"),
+        (
+            request_body([uint8_input()], outputs=[{"name": "p", "parameters": {"classification": -1}}]),
+            None,
+            "non-negative integer",
+        ),
+        (
+            request_body([uint8_input()], outputs=[{"name": "p", "parameters": {"binary_data": "yes"}}]),
+            None,
+            "true or false",
+        ),
         (request_body([uint8_input()], outputs=[{"name": "p"}, {"name": "p"}]), None, "output names must be unique"),
         (request_body([uint8_input()], parameters={"timeout": -5}), None, "microseconds"),
         (request_body([uint8_input()], parameters={"timeout": 3_600_000_001}), None, r"from 0 to 3600000000 \("),
@@ -167,8 +180,10 @@ def test_bytes_serialisation_matches_tritonclient() -> None:
 
 def test_json_response_is_read_by_tritonclient() -> None:
     probs = np.array([[0.1, 0.7, 0.2, 0.0]], dtype=np.float32)
-    outputs = [oip.OutputTensor("probabilities", "FP32", probs),
-               oip.OutputTensor("top", "BYTES", oip.classification(probs, 2, LABELS))]
+    outputs = [
+        oip.OutputTensor("probabilities", "FP32", probs),
+        oip.OutputTensor("top", "BYTES", oip.classification(probs, 2, LABELS)),
+    ]
     body, header_length = oip.encode_response(oip.InferResponse("m", 3, outputs, id="r1"))
     assert header_length is None
     document = json.loads(body)
@@ -180,9 +195,11 @@ def test_json_response_is_read_by_tritonclient() -> None:
 
 def test_binary_response_is_read_by_tritonclient() -> None:
     logits = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
-    outputs = [oip.OutputTensor("logits", "FP32", logits, binary=True),
-               oip.OutputTensor("probabilities", "BYTES", oip.classification(logits, 1, LABELS), binary=True),
-               oip.OutputTensor("plain", "FP32", logits[:1], binary=False)]
+    outputs = [
+        oip.OutputTensor("logits", "FP32", logits, binary=True),
+        oip.OutputTensor("probabilities", "BYTES", oip.classification(logits, 1, LABELS), binary=True),
+        oip.OutputTensor("plain", "FP32", logits[:1], binary=False),
+    ]
     body, header_length = oip.encode_response(oip.InferResponse("m", 1, outputs))
     assert header_length is not None
     header = json.loads(body[:header_length])
@@ -246,8 +263,18 @@ def test_model_input_refuses_two_inputs_non_finite_values_and_bad_base64() -> No
     with pytest.raises(BadInput, match="exactly one input"):
         oip.model_input(oip.parse_request(request_body([uint8_input(), {**uint8_input(), "name": "x"}])), SPEC)
     values = np.full((1, 1, 4, 3), np.inf, dtype=np.float32)
-    header = json.dumps({"inputs": [{"name": "normalized", "datatype": "FP32", "shape": [1, 1, 4, 3],
-                                     "parameters": {"binary_data_size": values.nbytes}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "normalized",
+                    "datatype": "FP32",
+                    "shape": [1, 1, 4, 3],
+                    "parameters": {"binary_data_size": values.nbytes},
+                }
+            ]
+        }
+    ).encode()
     with pytest.raises(BadInput, match="NaN or infinite"):
         oip.image_arrays(oip.model_input(oip.parse_request(header + values.tobytes(), len(header)), SPEC))
     encoded = oip.model_input(parsed({"name": "encoded", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}), SPEC)
@@ -258,6 +285,7 @@ def test_model_input_refuses_two_inputs_non_finite_values_and_bad_base64() -> No
 def test_the_models_checks_need_only_the_header(monkeypatch: pytest.MonkeyPatch) -> None:
     """Names, datatypes, shapes and the batch size are checked before any value is converted: a
     28 MiB body declaring 19132 images held the event loop for 2 s before its 413."""
+
     def no_conversion(*args: Any) -> None:
         raise AssertionError("a tensor's values were converted")
 
@@ -290,10 +318,15 @@ def test_outputs_default_to_probabilities_and_unknown_ones_are_400() -> None:
 
 def test_model_metadata_declares_the_batch_dimension_as_minus_one() -> None:
     inputs = {t["name"]: (t["datatype"], t["shape"]) for t in oip.input_metadata(SPEC)}
-    assert inputs == {"image": ("UINT8", [-1, 4, 3, 1]), "normalized": ("FP32", [-1, 1, 4, 3]),
-                      "encoded": ("BYTES", [-1, 1])}
-    assert oip.output_metadata(4) == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 4]},
-                                      {"name": "logits", "datatype": "FP32", "shape": [-1, 4]}]
+    assert inputs == {
+        "image": ("UINT8", [-1, 4, 3, 1]),
+        "normalized": ("FP32", [-1, 1, 4, 3]),
+        "encoded": ("BYTES", [-1, 1]),
+    }
+    assert oip.output_metadata(4) == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 4]},
+        {"name": "logits", "datatype": "FP32", "shape": [-1, 4]},
+    ]
 
 
 def test_a_bytes_tensor_over_the_image_limit_is_refused_before_its_elements_are_read() -> None:

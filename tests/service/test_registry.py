@@ -57,8 +57,14 @@ def fashion_net(seed: int) -> torch.nn.Module:
 
 
 def save(model_dir: Path, seed: int, **overrides: Any) -> Path:
-    kwargs: dict[str, Any] = {"name": model_dir.name, "architecture": ARCH, "labels": FASHION_MNIST_LABELS,
-                              "input_spec": FASHION_INPUT, "untrained": True, **overrides}
+    kwargs: dict[str, Any] = {
+        "name": model_dir.name,
+        "architecture": ARCH,
+        "labels": FASHION_MNIST_LABELS,
+        "input_spec": FASHION_INPUT,
+        "untrained": True,
+        **overrides,
+    }
     return save_artifact(fashion_net(seed), model_dir, **kwargs)
 
 
@@ -93,8 +99,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     edit_config(badschema, lambda c: c.update(labels=[]))
 
     misfit = save(root / "misfit", seed=8)  # weights of a 10-class network, config says 5 classes
-    edit_config(misfit, lambda c: c.update(architecture={"builder": "igcv2_fashion", "kwargs": {"num_classes": 5}},
-                                           labels=FASHION_MNIST_LABELS[:5]))
+    edit_config(
+        misfit,
+        lambda c: c.update(
+            architecture={"builder": "igcv2_fashion", "kwargs": {"num_classes": 5}}, labels=FASHION_MNIST_LABELS[:5]
+        ),
+    )
 
     shutil.copytree(root / "good" / "1", root / "mismatch" / "1")  # says it is good v1
 
@@ -107,12 +117,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def settings_for(store: Path, models: str, **kwargs: Any) -> Settings:
-    return Settings(_env_file=None, model_store=store, models=models, compile=False, max_batch_size=2,
-                    **kwargs)
+    return Settings(_env_file=None, model_store=store, models=models, compile=False, max_batch_size=2, **kwargs)
 
 
 def with_registry(store: Path, models: str, body: Callable[[ModelRegistry], Awaitable[None]]) -> None:
     """Run ``body`` with a registry whose configured models loaded (in a thread, as the app does)."""
+
     async def main() -> None:
         registry = ModelRegistry(settings_for(store, models))
         assert not registry.is_ready()
@@ -143,6 +153,7 @@ async def served_logits(served: ServedModel, images: np.ndarray) -> np.ndarray:
 
 # ----- discovery -----
 
+
 def test_every_model_latest_version_when_none_configured(store: Path) -> None:
     registry = ModelRegistry(settings_for(store, ""))
     found = dict(registry.configured_versions())
@@ -169,15 +180,18 @@ def test_two_configured_versions_are_served_side_by_side(store: Path) -> None:
         v1, v2 = registry.resolve("good", 1), registry.resolve("good", 2)
         assert v1.state is State.READY and v2.state is State.READY and v1 is not v2
         assert registry.resolve("good") is v2
-        np.testing.assert_allclose(await served_logits(v1, images), offline_logits(store, "good", 1, images),
-                                   rtol=0, atol=1e-5)
-        np.testing.assert_allclose(await served_logits(v2, images), offline_logits(store, "good", 2, images),
-                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            await served_logits(v1, images), offline_logits(store, "good", 1, images), rtol=0, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            await served_logits(v2, images), offline_logits(store, "good", 2, images), rtol=0, atol=1e-5
+        )
 
     with_registry(store, "good:1,good:2", body)
 
 
 # ----- load_configured -----
+
 
 def test_healthy_model_is_served_and_broken_ones_are_reported(store: Path) -> None:
     images = fashion_test_images(5)[0]
@@ -198,8 +212,9 @@ def test_healthy_model_is_served_and_broken_ones_are_reported(store: Path) -> No
         assert not registry.is_ready(), "ready although configured models failed"
         served = registry.resolve("good")
         assert served is good
-        np.testing.assert_allclose(await served_logits(served, images), offline_logits(store, "good", 2, images),
-                                   rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            await served_logits(served, images), offline_logits(store, "good", 2, images), rtol=0, atol=1e-5
+        )
         info = good.describe()
         assert info["ready"] is True and info["compiled"] is False and info["buckets"] == [1, 2]
         assert sorted(info["bucket_ms"]) == [1, 2] and all(t > 0 for t in info["bucket_ms"].values())
@@ -267,6 +282,7 @@ def test_serving_section_sets_the_batching(tmp_path: Path) -> None:
 
 # ----- resolve -----
 
+
 def test_resolve_picks_the_highest_ready_version(store: Path) -> None:
     images = fashion_test_images(3)[0]
 
@@ -281,16 +297,26 @@ def test_resolve_picks_the_highest_ready_version(store: Path) -> None:
         v2 = await asyncio.to_thread(registry.load, "good", 2)
         assert registry.resolve("good") is v2, "the highest READY version, not the failed v3"
         assert registry.resolve("good", 1) is v1
-        np.testing.assert_allclose(await served_logits(registry.resolve("good", 1), images),
-                                   offline_logits(store, "good", 1, images), rtol=0, atol=1e-5)
-        np.testing.assert_allclose(await served_logits(registry.resolve("good"), images),
-                                   offline_logits(store, "good", 2, images), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            await served_logits(registry.resolve("good", 1), images),
+            offline_logits(store, "good", 1, images),
+            rtol=0,
+            atol=1e-5,
+        )
+        np.testing.assert_allclose(
+            await served_logits(registry.resolve("good"), images),
+            offline_logits(store, "good", 2, images),
+            rtol=0,
+            atol=1e-5,
+        )
 
     with_registry(store, "good:3", body)
 
 
-@pytest.mark.parametrize(("name", "version"), [("nope", None), ("good", 7), ("../good", None), ("good/../good", 2),
-                                               ("", None), (".hidden", None)])
+@pytest.mark.parametrize(
+    ("name", "version"),
+    [("nope", None), ("good", 7), ("../good", None), ("good/../good", 2), ("", None), (".hidden", None)],
+)
 def test_resolve_unknown_is_404(store: Path, name: str, version: int | None) -> None:
     async def body(registry: ModelRegistry) -> None:
         with pytest.raises(NotFound) as info:
@@ -302,9 +328,11 @@ def test_resolve_unknown_is_404(store: Path, name: str, version: int | None) -> 
 
 # ----- load / unload at run time -----
 
+
 def test_a_load_that_ends_after_close_never_serves_and_leaves_no_thread(store: Path) -> None:
     """A SIGTERM while the control route loads a version: the shutdown does not wait for the load,
     and the version it finishes must not start a batcher, whose thread would keep the process alive."""
+
     async def main() -> None:
         registry = ModelRegistry(settings_for(store, "good:1"))
         await asyncio.to_thread(registry.load_configured, asyncio.get_running_loop())
@@ -322,6 +350,7 @@ def test_a_load_that_ends_after_close_never_serves_and_leaves_no_thread(store: P
 def test_a_startup_load_that_begins_after_close_starts_nothing(store: Path) -> None:
     """uvicorn failed to bind (or a SIGTERM came) before the loader thread registered anything: it
     must create no inference thread, which the process would wait for at exit (then abort)."""
+
     async def main() -> None:
         registry = ModelRegistry(settings_for(store, "good:1"))
         await registry.close()
@@ -332,8 +361,9 @@ def test_a_startup_load_that_begins_after_close_starts_nothing(store: Path) -> N
     asyncio.run(main())
 
 
-def test_a_control_route_load_of_a_version_still_warming_up_is_refused(store: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_control_route_load_of_a_version_still_warming_up_is_refused(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both loads would finish; the second to register used to orphan the other's batcher, whose
     thread then outlived close() (and the process)."""
     release = hold_loading(monkeypatch, 2)  # the configured v2 stays LOADING until released
@@ -489,6 +519,7 @@ def test_a_hung_compute_holds_up_neither_unload_nor_shutdown(store: Path) -> Non
 
 
 # ----- small helpers -----
+
 
 def hold_loading(monkeypatch: pytest.MonkeyPatch, version: int) -> threading.Event:
     """Make every load of ``version`` wait in ``load_artifact`` until the returned event is set."""

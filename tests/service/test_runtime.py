@@ -41,10 +41,18 @@ def warmed(artifact: Artifact, **options: Any) -> ModelRunner:
     return runner
 
 
-@pytest.mark.parametrize(("max_batch_size", "expected"), [
-    (1, [1]), (2, [1, 2]), (4, [1, 2, 4]), (6, [1, 2, 4, 6]), (32, [1, 2, 4, 8, 16, 32]),
-    (33, [1, 2, 4, 8, 16, 32, 33]), (100, [1, 2, 4, 8, 16, 32, 64, 100]),
-])
+@pytest.mark.parametrize(
+    ("max_batch_size", "expected"),
+    [
+        (1, [1]),
+        (2, [1, 2]),
+        (4, [1, 2, 4]),
+        (6, [1, 2, 4, 6]),
+        (32, [1, 2, 4, 8, 16, 32]),
+        (33, [1, 2, 4, 8, 16, 32, 33]),
+        (100, [1, 2, 4, 8, 16, 32, 64, 100]),
+    ],
+)
 def test_buckets(max_batch_size: int, expected: list[int]) -> None:
     assert buckets_for(max_batch_size) == expected
 
@@ -133,8 +141,9 @@ def test_three_channel_model(make_tiny_artifact: MakeArtifact) -> None:
     runner = warmed(artifact, compile=False, max_batch_size=2)
     try:
         batch = images(2, shape=(10, 14, 3), seed=3)
-        np.testing.assert_allclose(runner.executor.submit(runner.predict, batch).result(),
-                                   eager_logits(artifact, batch), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            runner.executor.submit(runner.predict, batch).result(), eager_logits(artifact, batch), rtol=0, atol=1e-5
+        )
     finally:
         runner.close()
 
@@ -189,8 +198,12 @@ def test_every_instance_and_reload_of_one_architecture_is_compiled(make_tiny_art
         assert counters["stats"]["unique_graphs"] - graphs == 9, "one graph per bucket per instance"
         batch = images(3, seed=70)
         for runner in runners:
-            np.testing.assert_allclose(runner.executor.submit(runner.predict, batch).result(),
-                                       eager_logits(artifact, batch), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(
+                runner.executor.submit(runner.predict, batch).result(),
+                eager_logits(artifact, batch),
+                rtol=1e-4,
+                atol=1e-5,
+            )
     finally:
         for runner in runners:
             runner.close()
@@ -198,6 +211,7 @@ def test_every_instance_and_reload_of_one_architecture_is_compiled(make_tiny_art
 
 def raising_compile(*args: Any, **kwargs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A torch.compile whose graph fails on its first call, as an inductor error would."""
+
     def compiled(batch: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("inductor exploded")
 
@@ -206,7 +220,9 @@ def raising_compile(*args: Any, **kwargs: Any) -> Callable[[torch.Tensor], torch
 
 @pytest.mark.parametrize("failure", ["invalid mode", "first call fails"])
 def test_compile_failure_falls_back_to_eager_loudly(
-    make_tiny_artifact: MakeArtifact, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    make_tiny_artifact: MakeArtifact,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
     failure: str,
 ) -> None:
     artifact = make_tiny_artifact(seed=5)
@@ -224,8 +240,9 @@ def test_compile_failure_falls_back_to_eager_loudly(
         assert errors and "FALLING BACK TO EAGER" in errors[0].getMessage()
         assert errors[0].exc_info is not None  # the cause is in the log, not swallowed
         batch = images(2, seed=50)
-        np.testing.assert_allclose(runner.executor.submit(runner.predict, batch).result(),
-                                   eager_logits(artifact, batch), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            runner.executor.submit(runner.predict, batch).result(), eager_logits(artifact, batch), rtol=0, atol=1e-5
+        )
     finally:
         runner.close()
 

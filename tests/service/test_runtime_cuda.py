@@ -62,14 +62,16 @@ def cpu_probabilities(test_split: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     spec = artifact.config.input
     module = Normalized(artifact.model, spec.mean, spec.std).eval()
     with torch.inference_mode():
-        chunks = [module(torch.from_numpy(test_split[0][i:i + 500])).softmax(1)
-                  for i in range(0, len(test_split[0]), 500)]
+        chunks = [
+            module(torch.from_numpy(test_split[0][i : i + 500])).softmax(1) for i in range(0, len(test_split[0]), 500)
+        ]
     return torch.cat(chunks).numpy()
 
 
 def gpu_runner(artifact: Artifact, precision: str) -> Iterator[ModelRunner]:
-    options = RuntimeOptions(device=torch.device("cuda"), precision=precision, compile_mode=MODE,
-                             max_batch_size=MAX_BATCH)
+    options = RuntimeOptions(
+        device=torch.device("cuda"), precision=precision, compile_mode=MODE, max_batch_size=MAX_BATCH
+    )
     runner = ModelRunner(artifact, options, name=f"cuda-{precision}")
     runner.executor.submit(runner.warmup).result()
     assert runner.compiled, "torch.compile fell back to eager on the GPU"
@@ -86,7 +88,7 @@ def runner(request: pytest.FixtureRequest, artifact: Artifact) -> Iterator[Model
 
 def predict_all(runner: ModelRunner, images: np.ndarray, batch: int) -> np.ndarray:
     def run() -> np.ndarray:
-        return np.concatenate([runner.predict(list(images[i:i + batch])) for i in range(0, len(images), batch)])
+        return np.concatenate([runner.predict(list(images[i : i + batch])) for i in range(0, len(images), batch)])
 
     return runner.executor.submit(run).result()
 
@@ -98,11 +100,20 @@ def test_reduced_precision_agrees_with_the_cpu_float32_reference(
     gpu = softmax(predict_all(runner, images, MAX_BATCH))
     agreement = float((gpu.argmax(1) == cpu_probabilities.argmax(1)).mean())
     max_diff = float(np.abs(gpu - cpu_probabilities).max())
-    report({"test": "agreement", "precision": str(runner.options.dtype), "mode": runner.options.mode,
-            "n": len(images), "top1_agreement": agreement, "max_probability_difference": max_diff,
+    report(
+        {
+            "test": "agreement",
+            "precision": str(runner.options.dtype),
+            "mode": runner.options.mode,
+            "n": len(images),
+            "top1_agreement": agreement,
+            "max_probability_difference": max_diff,
             "gpu_top1": float((gpu.argmax(1) == labels).mean()),
             "cpu_top1": float((cpu_probabilities.argmax(1) == labels).mean()),
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__})
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+        }
+    )
     message = f"top-1 agreement {agreement:.4%} < 99.9% (max probability difference {max_diff:.4f})"
     if runner.options.dtype == torch.bfloat16 and agreement < 0.999:
         # bf16 keeps 8 bits of mantissa: 99.79% on an H200 (torch 2.11), 99.75% emulated on a CPU, where
@@ -127,8 +138,16 @@ def test_every_bucket_compiles_once_and_mixed_sizes_never_recompile(runner: Mode
 
     runner.executor.submit(mixed).result()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a batch size recompiled"
-    report({"test": "compiles", "precision": str(runner.options.dtype), "mode": runner.options.mode,
-            "buckets": runner.buckets, "graphs": graphs, "mixed_calls": len(sizes)})
+    report(
+        {
+            "test": "compiles",
+            "precision": str(runner.options.dtype),
+            "mode": runner.options.mode,
+            "buckets": runner.buckets,
+            "graphs": graphs,
+            "mixed_calls": len(sizes),
+        }
+    )
 
 
 def test_concurrent_requests_get_their_own_answers(
@@ -147,8 +166,14 @@ def test_concurrent_requests_get_their_own_answers(
             return runner.run(batch)
 
         instance = SimpleNamespace(executor=runner.executor, run=counting)
-        batcher = DynamicBatcher([instance], max_batch_size=MAX_BATCH, max_queue_delay_s=0.0,
-                                 max_queue_size=len(images), model="cuda-test", version=1)
+        batcher = DynamicBatcher(
+            [instance],
+            max_batch_size=MAX_BATCH,
+            max_queue_delay_s=0.0,
+            max_queue_size=len(images),
+            model="cuda-test",
+            version=1,
+        )
         batcher.start()
         deadline = time.monotonic() + 60
         try:
@@ -161,8 +186,12 @@ def test_concurrent_requests_get_their_own_answers(
     assert max(sizes) > 1, "no batch formed: the test did not exercise graph replays of shared buffers"
     tolerance = 1e-2 if runner.options.dtype == torch.bfloat16 else 5e-3
     for i, (answer, reference) in enumerate(zip(answers, expected, strict=True)):
-        np.testing.assert_allclose(answer, reference, atol=tolerance * max(1.0, float(np.abs(reference).max())),
-                                   err_msg=f"request {i} got another request's (or a stale) answer")
+        np.testing.assert_allclose(
+            answer,
+            reference,
+            atol=tolerance * max(1.0, float(np.abs(reference).max())),
+            err_msg=f"request {i} got another request's (or a stale) answer",
+        )
         assert answer.argmax() == reference.argmax()
 
 

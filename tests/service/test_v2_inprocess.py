@@ -64,8 +64,9 @@ def test_batches_hold_one_input_kind_and_statistics_count_them() -> None:
     instance = SimpleNamespace(executor=ThreadPoolExecutor(1), run=infer)
 
     async def scenario() -> DynamicBatcher:
-        batcher = DynamicBatcher([instance], max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=16,
-                                 model="kinds", version=1)
+        batcher = DynamicBatcher(
+            [instance], max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=16, model="kinds", version=1
+        )
         batcher.start()
         deadline = time.monotonic() + 10
         requests = [
@@ -131,8 +132,10 @@ def call(settings: Settings, requests: list[tuple[str, str, str | None]]) -> lis
     async def send() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=create_app(settings))
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return [await client.request(method, path, headers={"Authorization": f"Bearer {key}"} if key else {})
-                    for method, path, key in requests]
+            return [
+                await client.request(method, path, headers={"Authorization": f"Bearer {key}"} if key else {})
+                for method, path, key in requests
+            ]
 
     return asyncio.run(send())
 

@@ -27,8 +27,9 @@ from service.workers import GIVE_UP_AFTER, YOUNG_S, ServiceProcesses, Supervisor
 
 def test_process_metrics_add_up_the_supervisor_and_its_workers_the_dead_ones_included() -> None:
     """This test process plays the supervisor: its children are the workers."""
-    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
-                               "while time.process_time() - t < 0.5: pass"])
+    burner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass"]
+    )
     before = {m.name: m.samples[0].value for m in ServiceProcesses(os.getpid()).collect()}
     burner.wait()  # reaped: its CPU moves to this process's children's time, and stays counted
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(64 << 20); time.sleep(60)"])
@@ -65,7 +66,8 @@ def supervisor(workers: int = 1, age_s: float = 0.0) -> Supervisor:
     """A supervisor whose spawned workers are fakes, started ``age_s`` ago, that died (exit 1) while starting."""
     sup, pids = Supervisor(Settings(workers=workers)), itertools.count(1000)
     sup.spawn = lambda index, sock, env: sup.children.__setitem__(  # type: ignore[method-assign]
-        index, (FakeWorker(next(pids), code=1), time.monotonic() - age_s))
+        index, (FakeWorker(next(pids), code=1), time.monotonic() - age_s)
+    )
     return sup
 
 
