@@ -174,8 +174,9 @@ def test_gpu_service_reserves_one_nvidia_gpu():
 
 
 def test_gpu_image_uses_a_cuda_torch_and_cpu_image_the_cpu_one():
-    assert re.search(r"/whl/cu\d+$", services(GPU)[SERVICE]["build"]["args"]["TORCH_INDEX_URL"])
-    assert services(CPU)[SERVICE]["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    assert services(GPU)[SERVICE]["build"]["args"]["TORCH_BUILD"] == "cuda"
+    cpu = services(CPU)[SERVICE]["build"]["args"]
+    assert cpu["TORCH_BUILD"] == "cpu" and cpu["PIP_EXTRA_INDEX_URL"].endswith("/whl/cpu")
 
 
 def test_a_gpu_host_runs_several_workers_and_a_cpu_host_one():

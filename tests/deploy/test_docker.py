@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,19 +126,17 @@ def test_multi_stage_final_stage_installs_nothing_with_pip():
     assert not any("pip install" in a for a in FINAL.all("RUN")), "pip belongs to the build stage"
 
 
-def test_torch_is_the_pinned_version_from_a_cuda_index_by_default():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    pins = [d for d in pyproject["project"]["dependencies"] if re.match(r"torch\s*==", d)]
-    assert len(pins) == 1, "pyproject.toml pins torch exactly"
-    pinned = pins[0].split("==")[1].strip()
-    build = next(s for s in STAGES if any("torch==" in a for a in s.all("RUN")))
-    args = stage_args(build)
-    assert args.get("TORCH_VERSION") == pinned, "the image installs the torch pinned in pyproject.toml"
-    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", args.get("TORCH_INDEX_URL", "")), (
-        "the default torch index is a CUDA one (a build argument selects .../whl/cpu)"
-    )
-    install = next(a for a in build.all("RUN") if "torch==" in a)
-    assert "${TORCH_INDEX_URL}" in install and "torch==${TORCH_VERSION}" in install
+def test_the_build_installs_the_lock_of_its_torch_build_with_hashes():
+    build = next(s for s in STAGES if any("--require-hashes" in a for a in s.all("RUN")))
+    assert stage_args(build).get("TORCH_BUILD") == "cuda", "the default image is the CUDA one (cpu by build argument)"
+    (copied,) = [a for a in build.all("COPY") if "requirements/" in a]
+    assert copied.split()[0] == "requirements/service-${TORCH_BUILD}.txt"
+    for torch_build in ("cpu", "cuda"):
+        lock = ROOT / f"requirements/service-{torch_build}.txt"
+        assert re.search(r"^torch==2\.13\.0" + (r"\+cpu" if torch_build == "cpu" else r" "), lock.read_text(), re.M)
+    (project,) = [a for a in build.all("RUN") if "pip install" in a and "--require-hashes" not in a]
+    assert "--no-deps" in project, "the project itself adds nothing the lock did not pin"
+    assert "!requirements/service-*.txt" in DOCKERIGNORE.read_text().split()
 
 
 def test_runtime_has_c_and_cxx_compilers_for_torch_compile():
