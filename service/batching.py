@@ -110,19 +110,141 @@ def fill_waits(bucket_seconds: Mapping[int, float], cuts: Sequence[int]) -> list
 
 
 class Reservation:
-    """Room for ``n`` images held in a batcher's queue for a request, from the arrival of its body
-    (:meth:`DynamicBatcher.hold`) or its admission until its images are queued: a request admitted
+    """Room for ``n`` images held in a queue for a request, from the arrival of its body
+    (:meth:`Admission.hold`) or its admission until its images are queued: a request admitted
     before decoding is not then refused after it (wasted parsing and decoding, under overload, of
     exactly the requests that could have been served)."""
 
-    def __init__(self, batcher: DynamicBatcher, n: int) -> None:
-        self.batcher = batcher
+    def __init__(self, admission: Admission, n: int) -> None:
+        self.admission = admission
         self.n = n
 
     def release(self) -> None:
         """Give the room back (at once when the request fails first; idempotent)."""
-        self.batcher._reserved -= self.n
+        if self.n:
+            self.admission.give_back(self.n)
         self.n = 0
+
+    def buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """Memory for this request's ``n`` inputs of ``shape``: the decoder fills it and the batcher takes it as it
+        is (a front-end's reservation hands out shared memory that the executor reads)."""
+        return np.empty((self.n, *shape), dtype)
+
+
+class Admission:
+    """A model version's queue bound: images queued plus images held for requests being read or decoded
+    (:class:`Reservation`) never exceed ``max_queue_size``. A request that does not fit is refused at
+    once (503 with Retry-After), before its body is read when it can be.
+
+    This one counts in its process, on its event loop. With several front-ends the counts live in
+    shared memory (:class:`service.executor.shared.SharedAdmission`), one bound for them all.
+    """
+
+    def __init__(self, max_queue_size: int, labels: dict[str, str], stats: InferenceStats) -> None:
+        self.max_queue_size = max_queue_size
+        self.closed = False
+        self.stats = stats
+        self._request_images = 1.0  # moving average of images per request at admission (event loop only)
+        self._rejected_full = metrics.REJECTED.labels(**labels, reason="queue_full")
+        self.queued = 0  # images in the queue (event loop and the batcher's lock)
+        self.reserved = 0  # room held for requests being parsed or decoded (event loop only)
+
+    # ----- the counts: in this process here, in shared memory for front-ends -----
+
+    def counts(self) -> tuple[int, int]:
+        """(queued, reserved) now."""
+        return self.queued, self.reserved
+
+    def take_if_room(self, n: int) -> tuple[int, int] | None:
+        """Hold room for ``n`` images if they fit (None), else leave everything as it is and return the
+        (queued, reserved) counts that refused them: one step, so nobody takes the same room in between."""
+        if self.queued + self.reserved + n > self.max_queue_size:
+            return self.queued, self.reserved
+        self.reserved += n
+        return None
+
+    def give_back(self, n: int) -> None:
+        self.reserved -= n
+
+    def admit(self, reservation: Reservation | None, n: int) -> None:
+        """``n`` images enter the queue, into the room ``reservation`` held for them (checked now when
+        it held none); 503 if the queue closed meanwhile. Called under the batcher's lock."""
+        if reservation is not None:
+            reservation.release()  # and queued in the same step: no other request runs in between
+        self.check_room(n)
+        self.queued += n
+
+    def left(self, n: int) -> None:
+        """``n`` images left the queue (batched, expired or withdrawn)."""
+        self.queued -= n
+
+    def record_refusal(self) -> None:
+        """A request refused for want of room: a failure in the statistics (Triton counts them)."""
+        self.stats.record_failure(0.0)
+
+    # ----- the checks -----
+
+    def check_room(self, n: int, hold: bool = False) -> None:
+        """503 at once unless ``n`` more images fit in the queue beside those queued and those held
+        for admitted requests (and, with ``hold``, hold room for them): an overloaded server sheds a
+        request before spending CPU on it."""
+        if self.closed:
+            raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
+        if n > self.max_queue_size:  # would never fit: retrying cannot help
+            self.record_refusal()
+            raise TooLarge(
+                f"{n} images in one request; this model version queues at most {self.max_queue_size} (max_queue_size)"
+            )
+        refused = self.take_if_room(n) if hold else self._refusal(n)
+        if refused is not None:
+            queued, reserved = refused
+            self._rejected_full.inc(n)
+            self.record_refusal()
+            waiting = f"{queued} of {self.max_queue_size} images waiting"
+            held = f", {reserved} more held for requests being read or decoded" if reserved else ""
+            raise Unavailable(f"queue full ({waiting}{held}); retry later", 1)
+
+    def _refusal(self, n: int) -> tuple[int, int] | None:
+        queued, reserved = self.counts()
+        return (queued, reserved) if queued + reserved + n > self.max_queue_size else None
+
+    def door(self) -> Reservation:
+        """The check before a request's body is read: 503 unless there is room for as many images
+        as requests have lately brought (how many this one holds is not known yet). Returns an
+        empty reservation for :meth:`hold` to fill once the body is in, and admission to empty.
+
+        A check for one image let every request through while a few places were free, or all of
+        them while the queue sat a few images short of full: each was then refused at admission,
+        after its body was read and parsed, and under overload those refusals cost the event loop
+        as much as answers; it fell behind, /metrics went unanswered for 8-27 s and the p50 stayed
+        at 700 ms (benchmarks/RESULTS.md, run Q)."""
+        self.check_room(self._door_images())
+        return self.reservation(0)
+
+    def hold(self, room: Reservation) -> None:
+        """Once the request's body is in, before it is parsed: hold room for as many images as
+        requests have lately brought until admission, or 503. Requests between the two never
+        outnumber the room, and an upload in progress (slow, or stalled on purpose) holds none."""
+        n = self._door_images()
+        self.check_room(n, hold=True)
+        room.n += n
+
+    def _door_images(self) -> int:
+        # The average creeps towards a whole number from above and stops an ulp short of it.
+        return math.ceil(self._request_images - 1e-9)
+
+    def reserve(self, n: int) -> Reservation:
+        """Admission: the room held since the body came in (if any) given back, :meth:`check_room`
+        for ``n``, then the room held until the batcher queues the images."""
+        if 0 < n <= self.max_queue_size:  # not a request that can never fit (413): it says nothing of the next
+            self._request_images += 0.2 * (n - self._request_images)
+        if (door := DOOR.get()) is not None:
+            door.release()
+        self.check_room(n, hold=True)
+        return self.reservation(n)
+
+    def reservation(self, n: int) -> Reservation:
+        return Reservation(self, n)
 
 
 class DynamicBatcher:
@@ -136,7 +258,9 @@ class DynamicBatcher:
         model: str,
         version: int,
         bucket_seconds: Mapping[int, float] | None = None,
+        admission: Callable[[InferenceStats], Admission] | None = None,
     ) -> None:
+        """``admission`` makes the queue's bound from the batcher's statistics (default: counted in this process)."""
         self.max_batch_size = max_batch_size
         self.cuts = batch_cuts(bucket_seconds) if bucket_seconds else list(range(max_batch_size + 1))
         self.fill_waits = fill_waits(bucket_seconds, self.cuts) if bucket_seconds else [(0.0, 0)] * len(self.cuts)
@@ -145,8 +269,6 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self._instances = list(instances)
         self._queue: deque[_Item] = deque()  # guarded by _changed, as are _closed and _in_flight
-        self._reserved = 0  # room held for requests being parsed or decoded (event loop only)
-        self._request_images = 1.0  # moving average of images per request at admission (event loop only)
         self._changed = threading.Condition(threading.Lock())
         self._waiting: list[int] = []  # for each waiting instance, the queue depth that ends its wait
         self._closed = False
@@ -155,8 +277,8 @@ class DynamicBatcher:
         self._drains: list[Future[None]] = []
         self._labels = {"model": model, "version": str(version)}
         self.stats = InferenceStats()
+        self.admission = (admission or (lambda stats: Admission(max_queue_size, self._labels, stats)))(self.stats)
         # Metric children looked up once: labels() takes a lock and builds a key on every call.
-        self._rejected_full = metrics.REJECTED.labels(**self._labels, reason="queue_full")
         self._depth = metrics.QUEUE_DEPTH.labels(**self._labels)
         self._queue_duration = metrics.QUEUE_DURATION.labels(**self._labels)
         self._inference_duration = metrics.INFERENCE_DURATION.labels(**self._labels)
@@ -177,61 +299,6 @@ class DynamicBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    def check_room(self, n: int) -> None:
-        """503 at once unless ``n`` more images fit in the queue beside those queued and those held
-        for admitted requests: an overloaded server sheds a request before spending CPU on it."""
-        if self._closed:
-            raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
-        if n > self.max_queue_size:  # would never fit: retrying cannot help
-            self.stats.record_failure(0.0)
-            raise TooLarge(
-                f"{n} images in one request; this model version queues at most {self.max_queue_size} (max_queue_size)"
-            )
-        if len(self._queue) + self._reserved + n > self.max_queue_size:
-            self._rejected_full.inc(n)
-            self.stats.record_failure(0.0)
-            waiting = f"{len(self._queue)} of {self.max_queue_size} images waiting"
-            held = f", {self._reserved} more held for requests being read or decoded" if self._reserved else ""
-            raise Unavailable(f"queue full ({waiting}{held}); retry later", 1)
-
-    def door(self) -> Reservation:
-        """The check before a request's body is read: 503 unless there is room for as many images
-        as requests have lately brought (how many this one holds is not known yet). Returns an
-        empty reservation for :meth:`hold` to fill once the body is in, and admission to empty.
-
-        A check for one image let every request through while a few places were free, or all of
-        them while the queue sat a few images short of full: each was then refused at admission,
-        after its body was read and parsed, and under overload those refusals cost the event loop
-        as much as answers; it fell behind, /metrics went unanswered for 8-27 s and the p50 stayed
-        at 700 ms (benchmarks/RESULTS.md, run Q)."""
-        self.check_room(self._door_images())
-        return Reservation(self, 0)
-
-    def hold(self, room: Reservation) -> None:
-        """Once the request's body is in, before it is parsed: hold room for as many images as
-        requests have lately brought until admission, or 503. Requests between the two never
-        outnumber the room, and an upload in progress (slow, or stalled on purpose) holds none."""
-        room.n += self._take(self._door_images())
-
-    def _door_images(self) -> int:
-        # The average creeps towards a whole number from above and stops an ulp short of it.
-        return math.ceil(self._request_images - 1e-9)
-
-    def reserve(self, n: int) -> Reservation:
-        """Admission: the room held since the body came in (if any) given back, :meth:`check_room`
-        for ``n``, then the room held until :meth:`submit` queues the images."""
-        if 0 < n <= self.max_queue_size:  # not a request that can never fit (413): it says nothing of the next
-            self._request_images += 0.2 * (n - self._request_images)
-        if (door := DOOR.get()) is not None:
-            door.release()
-        return Reservation(self, self._take(n))
-
-    def _take(self, n: int) -> int:
-        """:meth:`check_room` for ``n`` images, then count them as held; returns ``n``."""
-        self.check_room(n)
-        self._reserved += n
-        return n
-
     async def submit(
         self,
         images: list[np.ndarray],
@@ -241,11 +308,9 @@ class DynamicBatcher:
     ) -> list[np.ndarray]:
         """Queue ``images`` (into the room ``reservation`` held) and wait for their outputs (one
         array per image), or raise 503/504, or 499 once ``client`` has left (its images withdrawn)."""
-        if reservation is not None:
-            reservation.release()  # and queue them in the same step: no other request runs in between
-        self.check_room(len(images))
         items = [_Item(image, deadline) for image in images]
         with self._changed:
+            self.admission.admit(reservation, len(items))
             # An instance gathering a fuller batch (a short queue) plans to wake at _gather_until(); a
             # deadline that must end the gathering sooner wakes it.
             urgent = bool(
@@ -255,7 +320,7 @@ class DynamicBatcher:
                 and deadline - self._longest_call < self._gather_until()
             )
             self._queue.extend(items)
-            self._depth.set(len(self._queue))
+            self._depth.set(len(self._queue))  # the admission counted them
             if self._waiting and (urgent or len(self._queue) >= min(self._waiting)):
                 self._changed.notify_all()  # not one: it could be an instance waiting for more
         gathered = asyncio.gather(*(item.future for item in items))
@@ -303,10 +368,11 @@ class DynamicBatcher:
             for item in items:
                 item.abandoned = True
                 item.future.cancel()
+            before = len(self._queue)
             live = [item for item in self._queue if not item.abandoned]
             self._queue.clear()
             self._queue.extend(live)
-            self._depth.set(len(self._queue))
+            self._shrunk(before)
             return sum(1 for item in items if not item.started)
 
     # ----- on the inference threads -----
@@ -357,6 +423,7 @@ class DynamicBatcher:
             now = time.monotonic()
             size = self.cuts[min(len(self._queue), self.max_batch_size)]
             other_kind: list[_Item] = []  # one input kind per batch (uint8 images or float tensors): one tensor
+            before = len(self._queue)
             while self._queue and len(batch) < size:
                 item = self._queue.popleft()
                 if item.abandoned:
@@ -370,7 +437,7 @@ class DynamicBatcher:
                 item.started = now
                 batch.append(item)
             self._queue.extendleft(reversed(other_kind))
-            self._depth.set(len(self._queue))
+            self._shrunk(before)
             if batch:
                 self._in_flight[id(batch)] = batch
         for item in batch:
@@ -378,6 +445,11 @@ class DynamicBatcher:
         if expired:
             self._post(self._expire, expired)
         return batch
+
+    def _shrunk(self, before: int) -> None:
+        """The queue went from ``before`` images to what it holds now; call holding ``_changed``."""
+        self.admission.left(before - len(self._queue))
+        self._depth.set(len(self._queue))
 
     def _computed(self, batch: list[_Item]) -> None:
         """The batch left the model: its answer is on its way to the loop (not close()'s to give)."""
@@ -432,15 +504,16 @@ class DynamicBatcher:
         """Stop taking requests, finish what is queued (up to ``timeout``), stop draining. False when
         a batch was still computing at the timeout (its images are answered 503 all the same)."""
         with self._changed:
-            self._closed = True
+            self._closed = self.admission.closed = True
             self._changed.notify_all()
         if self._drains:
             await asyncio.wait([asyncio.wrap_future(f) for f in self._drains], timeout=timeout)
         with self._changed:
             computing = [item for batch in self._in_flight.values() for item in batch]
             unanswered = [*self._queue, *computing]
+            before = len(self._queue)
             self._queue.clear()
-            self._depth.set(0)
+            self._shrunk(before)
         if computing:
             log.warning(
                 "%d image(s) of %s still computing after %.1fs; answering 503", len(computing), self._labels, timeout

@@ -56,8 +56,8 @@ class Engine:
         if n > self.settings.max_images_per_request:
             raise TooLarge(f"{n} images in one request; the limit is {self.settings.max_images_per_request}")
 
-    async def decode(self, spec: InputSpec, model: str, uploads: list[Upload]) -> list[np.ndarray]:
-        """Decode and fit every upload to the model's input.
+    async def decode(self, spec: InputSpec, model: str, uploads: list[Upload], out: np.ndarray) -> None:
+        """Decode and fit every upload to the model's input, into ``out`` (one row per upload).
 
         Headers are read and limits checked on the event loop. Images of at most
         ``inline_decode_pixels`` are decoded there too: handing a 28x28 PNG to a thread costs
@@ -67,11 +67,10 @@ class Engine:
         loop = asyncio.get_running_loop()
         histogram = metrics.PREPROCESS_DURATION.labels(model=model)
 
-        def load(upload: Upload, image: Image.Image, header_s: float) -> np.ndarray:
+        def load(index: int, upload: Upload, image: Image.Image, header_s: float) -> None:
             started = time.perf_counter()
-            array = load_image(image, spec, limit, upload.filename)
+            out[index] = load_image(image, spec, limit, upload.filename)
             histogram.observe(header_s + time.perf_counter() - started)
-            return array
 
         opened = []  # every header first: a request with one bad image decodes none of the others
         for upload in uploads:
@@ -79,14 +78,13 @@ class Engine:
             check_media_type(upload.content_type)
             image = open_image(upload.data, spec, limit, upload.filename)
             opened.append((upload, image, time.perf_counter() - started))
-        parts: list[np.ndarray | asyncio.Future[np.ndarray]] = []
-        for upload, image, header_s in opened:
+        pooled = []
+        for index, (upload, image, header_s) in enumerate(opened):
             if image.width * image.height <= self.settings.inline_decode_pixels:
-                parts.append(load(upload, image, header_s))
+                load(index, upload, image, header_s)
             else:
-                parts.append(loop.run_in_executor(self.decode_pool, load, upload, image, header_s))
-        pooled = iter(await asyncio.gather(*(p for p in parts if isinstance(p, asyncio.Future))))
-        return [next(pooled) if isinstance(p, asyncio.Future) else p for p in parts]
+                pooled.append(loop.run_in_executor(self.decode_pool, load, index, upload, image, header_s))
+        await asyncio.gather(*pooled)
 
     async def classify(
         self,
@@ -105,8 +103,10 @@ class Engine:
         top_k = min(DEFAULT_TOP_K, len(labels)) if top_k is None else top_k
         if top_k > len(labels):
             raise InvalidParameter(f"top_k={top_k} exceeds the {len(labels)} classes of {served.name}")
+        spec = served.ready_config.input
         with served.admitted(len(uploads), timeout_s, client.arrival) as (deadline, room):
-            images = await self.decode(served.ready_config.input, served.name, uploads)
+            images = room.buffer((spec.height, spec.width, spec.channels), np.dtype(np.uint8))
+            await self.decode(spec, served.name, uploads, images)
             logits = await served.infer(images, deadline, room, client)
         results = []
         for upload, row in zip(uploads, logits, strict=True):
@@ -140,9 +140,13 @@ class Engine:
             if tensor.name == oip.ENCODED:
                 files = oip.encoded_images(tensor)
                 uploads = [Upload(f"{oip.ENCODED}[{i}]", None, f) for i, f in enumerate(files)]
-                images = await self.decode(config.input, served.name, uploads)
+                spec = config.input
+                images = room.buffer((spec.height, spec.width, spec.channels), np.dtype(np.uint8))
+                await self.decode(spec, served.name, uploads, images)
             else:
-                images = oip.image_arrays(tensor)
+                values = oip.image_arrays(tensor)
+                images = room.buffer(values.shape[1:], values.dtype)
+                images[...] = values
             logits = np.stack(await served.infer(images, deadline, room, client))
         if not np.isfinite(logits).all():  # only far-out ``normalized`` values get here; JSON cannot carry inf/NaN
             raise BadInput(

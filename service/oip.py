@@ -448,13 +448,12 @@ def batch_size(tensor: Tensor) -> int:
     return tensor.shape[0]
 
 
-def image_arrays(tensor: Tensor) -> list[np.ndarray]:
-    """One native-endian array per batch element: uint8 (H, W, C) or float32 (C, H, W); 400 for a
+def image_arrays(tensor: Tensor) -> np.ndarray:
+    """The batch as native-endian values: uint8 (N, H, W, C) or float32 (N, C, H, W); 400 for a
     ``normalized`` value that is NaN or infinite (only binary data can carry one)."""
     if tensor.name == NORMALIZED and not np.isfinite(tensor.data).all():
         raise BadInput(f"input {NORMALIZED!r} holds NaN or infinite values")
-    native = np.ascontiguousarray(tensor.data, dtype=np.uint8 if tensor.datatype == "UINT8" else np.float32)
-    return list(native)
+    return np.asarray(tensor.data, dtype=np.uint8 if tensor.datatype == "UINT8" else np.float32)
 
 
 def encoded_images(tensor: Tensor) -> list[bytes]:

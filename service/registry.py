@@ -78,7 +78,7 @@ class ServedModel:
         ``request_timeout_s``, from arrival) and the room."""
         if self.state is not State.READY or self.batcher is None:
             raise Unavailable(self.not_ready_message(), 5)
-        room = self.batcher.reserve(n)
+        room = self.batcher.admission.reserve(n)
         try:
             yield arrival + (timeout_s if timeout_s is not None else self.batching["request_timeout_s"]), room
         finally:

@@ -277,7 +277,7 @@ def holding(receive: Receive, room: Reservation) -> Receive:
         message = await receive()
         if not held and message["type"] == "http.request" and not message.get("more_body", False):
             held = True
-            room.batcher.hold(room)
+            room.admission.hold(room)
         return message
 
     return receive_holding
@@ -327,7 +327,7 @@ class Shedding:
             served = self.registry.resolve(*target)
         except ServiceError:
             return None
-        return None if served.batcher is None else served.batcher.door()
+        return None if served.batcher is None else served.batcher.admission.door()
 
     def target(self, scope: Scope) -> tuple[str, int | None] | None:
         """The (model, version) an inference request addresses, or None."""

@@ -423,7 +423,7 @@ def test_an_upload_in_progress_holds_no_queue_room(store: Path) -> None:
                     client.post("/classify", content=slow_body(), headers={"content-type": "image/png"})
                 )
                 await asyncio.sleep(0.2)
-                held = batcher._reserved
+                held = batcher.admission.reserved
                 other = await client.post("/classify", content=png, headers={"content-type": "image/png"})
                 rest.set()
                 return held, other.status_code, (await slow).status_code
@@ -450,7 +450,7 @@ def test_a_failing_request_gives_its_queue_room_back(store: Path) -> None:
         response = small.post("/classify", files=multipart([good, good]))
         assert response.status_code == 200, response.text
         served = small.app.state.registry.resolve(DEFAULT_MODEL)  # type: ignore[attr-defined]
-        assert served.batcher._reserved == 0
+        assert served.batcher.admission.reserved == 0
 
 
 def test_ready_is_503_while_a_configured_model_failed(store: Path, tmp_path: Path) -> None:

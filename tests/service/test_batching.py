@@ -421,42 +421,42 @@ def test_the_door_asks_room_for_as_many_images_as_requests_lately_brought_and_ho
 
     async def main() -> None:
         batcher, labels = make(Model(), queue=10)
-        room = batcher.door()
+        room = batcher.admission.door()
         assert room.n == 0, "the door holds nothing: an upload in progress must not hold the queue"
-        batcher.hold(room)
-        assert room.n == 1 and batcher._reserved == 1, "nothing seen yet: room for one"
+        batcher.admission.hold(room)
+        assert room.n == 1 and batcher.admission.reserved == 1, "nothing seen yet: room for one"
         room.release()
         for _ in range(6):
-            batcher.reserve(4).release()  # requests of 4 came and went
-        first, second = batcher.door(), batcher.door()
-        batcher.hold(first), batcher.hold(second)
-        assert (first.n, second.n) == (4, 4) and batcher._reserved == 8
+            batcher.admission.reserve(4).release()  # requests of 4 came and went
+        first, second = batcher.admission.door(), batcher.admission.door()
+        batcher.admission.hold(first), batcher.admission.hold(second)
+        assert (first.n, second.n) == (4, 4) and batcher.admission.reserved == 8
         shed_before = metric("igcv2_rejected_images_total", labels, reason="queue_full")
         with pytest.raises(Unavailable, match="8 more held for requests being read"):
-            batcher.door()  # 2 places left
+            batcher.admission.door()  # 2 places left
         assert metric("igcv2_rejected_images_total", labels, reason="queue_full") == shed_before + 4
-        batcher.check_room(1)  # though one image would still fit
-        late = Reservation(batcher, 0)
+        batcher.admission.check_room(1)  # though one image would still fit
+        late = Reservation(batcher.admission, 0)
         with pytest.raises(Unavailable):
-            batcher.hold(late)  # passed the door before the others' bodies came in: refused before parsing
-        assert late.n == 0 and batcher._reserved == 8
+            batcher.admission.hold(late)  # passed the door before the others' bodies came in: refused before parsing
+        assert late.n == 0 and batcher.admission.reserved == 8
 
         context = contextvars.Context()
         context.run(DOOR.set, first)
-        admitted = context.run(batcher.reserve, 4)
-        assert first.n == 0 and batcher._reserved == 8, "admission swaps the held room for its own"
+        admitted = context.run(batcher.admission.reserve, 4)
+        assert first.n == 0 and batcher.admission.reserved == 8, "admission swaps the held room for its own"
         second.release()  # its request ended before admission (a 400, say)
         admitted.release()
-        assert batcher._reserved == 0
+        assert batcher.admission.reserved == 0
         with pytest.raises(TooLarge):
-            batcher.reserve(11)  # can never fit: says nothing of the requests to come
-        assert batcher._door_images() == 4
+            batcher.admission.reserve(11)  # can never fit: says nothing of the requests to come
+        assert batcher.admission._door_images() == 4
         for _ in range(3):
-            batcher.reserve(1).release()
-        batcher.reserve(2).release()
+            batcher.admission.reserve(1).release()
+        batcher.admission.reserve(2).release()
         for _ in range(200):
-            batcher.reserve(1).release()
-        assert batcher._door_images() == 1, f"the average crept to {batcher._request_images!r}"
+            batcher.admission.reserve(1).release()
+        assert batcher.admission._door_images() == 1, f"the average crept to {batcher.admission._request_images!r}"
         await batcher.close(5)
 
     run(main)
@@ -486,19 +486,19 @@ def test_admitted_requests_hold_their_room_until_queued() -> None:
     async def main() -> None:
         model = Model()
         batcher, _ = make(model, queue=4)
-        first = batcher.reserve(3)  # admitted, still decoding
+        first = batcher.admission.reserve(3)  # admitted, still decoding
         held = r"queue full \(0 of 4 images waiting, 3 more held for requests being read or decoded\)"
         with pytest.raises(Unavailable, match=held):
-            batcher.reserve(2)
-        second = batcher.reserve(1)  # exactly the room left
+            batcher.admission.reserve(2)
+        second = batcher.admission.reserve(1)  # exactly the room left
         assert len(await batcher.submit([np.full((2, 2, 1), i, np.uint8) for i in range(3)], later(), first)) == 3
         first.release()  # a no-op once its images were queued
         second.release()  # its request failed before queueing: the room comes back
-        room = batcher.reserve(4)
+        room = batcher.admission.reserve(4)
         with pytest.raises(Unavailable):
-            batcher.reserve(1)
+            batcher.admission.reserve(1)
         room.release()
-        assert batcher.depth == 0 and batcher._reserved == 0
+        assert batcher.depth == 0 and batcher.admission.reserved == 0
         await batcher.close(5)
 
     run(main)

@@ -46,8 +46,10 @@ def block_pool(engine: Engine) -> threading.Event:
     return release
 
 
-async def decode(engine: Engine, *files: bytes) -> list[np.ndarray]:
-    return await engine.decode(SPEC, "m", [Upload(f"f{i}", "image/png", f) for i, f in enumerate(files)])
+async def decode(engine: Engine, *files: bytes) -> np.ndarray:
+    out = np.zeros((len(files), SPEC.height, SPEC.width, SPEC.channels), np.uint8)
+    await engine.decode(SPEC, "m", [Upload(f"f{i}", "image/png", f) for i, f in enumerate(files)], out)
+    return out
 
 
 def test_small_images_decode_on_the_loop_large_ones_wait_for_a_decode_thread(engine: Engine) -> None:
