@@ -24,7 +24,7 @@ from service.config import Settings, env_name
 from service.workers import RUN_DIR, Supervisor, Worker, follow_parent
 
 if TYPE_CHECKING:
-    from service.registry import ModelRegistry
+    from service.catalog import Catalog
 
 
 class Server(uvicorn.Server):
@@ -119,7 +119,7 @@ def serve(settings: Settings, worker: str | None) -> int:
     return 0
 
 
-def abandon_loading(registry: ModelRegistry, code: int) -> None:
+def abandon_loading(registry: Catalog, code: int) -> None:
     """Exit with ``code`` at once if models are still compiling, or still computing past the shutdown
     timeout (a hung device call): nothing waits for them.
 

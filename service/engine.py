@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from igcv2.artifact import ArtifactError, InputSpec, versions
+from igcv2.artifact import InputSpec, versions
 from igcv2.names import MODEL_NAME
 from service import metrics, oip
+from service.catalog import Catalog, ServedModel, State, validate_name
 from service.client import Client
 from service.config import Settings
 from service.errors import BadInput, Conflict, InvalidParameter, NotFound, TooLarge
 from service.imaging import check_media_type, load_image, open_image
-from service.registry import ModelRegistry, ServedModel, State, validate_name
 
 DEFAULT_TOP_K = 5
 
@@ -41,13 +41,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
+    def __init__(self, settings: Settings, registry: Catalog) -> None:
         self.settings = settings
         self.registry = registry
         self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
-        # Loads through the control route compile for a minute; not on the loop's default executor,
-        # which asyncio.run waits for at exit, so a shutdown can abandon them (service.__main__).
-        self.load_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-load")
         self._repository_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def check_count(self, n: int) -> None:
@@ -198,10 +195,7 @@ class Engine:
         if not versions(self.registry.store / name):  # before taking a lock: one lock per stored model at most
             raise NotFound(f"model {name!r} not found in the model store")
         async with self._repository_locks[name]:
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self.load_pool, self.registry.load, name)
-            except ArtifactError as exc:
-                raise BadInput(f"failed to load model {name!r}: {exc}") from exc
+            return await self.registry.load(name)
 
     async def unload_model(self, name: str) -> None:
         """Stop serving every version of a model once its queued requests are answered; other
@@ -225,4 +219,3 @@ class Engine:
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
-        self.load_pool.shutdown(wait=False, cancel_futures=True)

@@ -29,7 +29,7 @@ from service.config import MAX_REQUEST_TIMEOUT_S
 from service.errors import BadInput, TooLarge
 
 if TYPE_CHECKING:
-    from service.registry import ServedModel
+    from service.catalog import ServedModel
 
 # Little-endian, as the binary tensor data extension specifies; BYTES is length-prefixed (below).
 DATATYPES: dict[str, np.dtype | None] = {
@@ -528,9 +528,8 @@ def model_config(served: ServedModel) -> dict[str, Any]:
     The input normalisation and labels ride in ``parameters``: a client sending ``normalized``
     needs the mean and std.
     """
-    config, batching = served.ready_config, served.batching
-    runner = served.runners[0] if served.runners else None
-    gpu = runner is not None and runner.device.type == "cuda"
+    config, batching, runtime = served.ready_config, served.batching, served.runtime
+    gpu = runtime.get("device", "cpu").startswith("cuda")
     inputs = [
         {
             "name": name,
@@ -546,11 +545,11 @@ def model_config(served: ServedModel) -> dict[str, Any]:
         "kind": "KIND_GPU" if gpu else "KIND_CPU",
         "count": batching["instances"],
     }
-    if gpu and runner is not None:
-        group["gpus"] = [runner.device.index or 0]
+    if gpu:
+        group["gpus"] = [int(runtime["device"].partition(":")[2] or 0)]
     parameters = {"mean": config.input.mean, "std": config.input.std, "labels": config.labels}
-    if runner is not None:
-        parameters.update(precision=str(runner.options.dtype).removeprefix("torch."), compiled=runner.compiled)
+    if runtime:
+        parameters.update(precision=runtime["precision"], compiled=runtime["compiled"])
     return {
         "name": served.name,
         "platform": PLATFORM,
@@ -560,7 +559,7 @@ def model_config(served: ServedModel) -> dict[str, Any]:
         "input": inputs,
         "output": [{"name": name, "data_type": "TYPE_FP32", "dims": [len(config.labels)]} for name in OUTPUTS],
         "dynamic_batching": {
-            "preferred_batch_size": runner.buckets if runner is not None else [batching["max_batch_size"]],
+            "preferred_batch_size": runtime.get("buckets", [batching["max_batch_size"]]),
             "max_queue_delay_microseconds": round(batching["max_queue_delay_ms"] * 1000),
             "preserve_ordering": False,
             "default_queue_policy": {

@@ -1,4 +1,4 @@
-"""ModelRegistry: what the model store holds, what is loaded, and which version answers a request.
+"""ModelRegistry: the catalog of a process that loads, compiles and computes its models itself.
 
 Versions load in a background thread (compilation takes a while) so the process is live at
 once and ready when every configured model has warmed up. A broken artifact does not stop the
@@ -10,122 +10,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import enum
 import gc
 import logging
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
-from igcv2.artifact import ArtifactConfig, ArtifactError, load_artifact, versions
+from igcv2.artifact import ArtifactError, load_artifact, versions
 from igcv2.names import MODEL_NAME
 from service import metrics
-from service.batching import DynamicBatcher, Reservation
-from service.client import Client
+from service.batching import Admission, DynamicBatcher
+from service.catalog import Catalog, ServedModel, State, validate_name
 from service.config import Settings
-from service.errors import InvalidParameter, NotFound, Unavailable
+from service.errors import BadInput, NotFound, Unavailable
 from service.runtime import ModelRunner, RuntimeOptions, resolve_device
+from service.stats import InferenceStats
 
 log = logging.getLogger("igcv2.registry")
-
-
-class State(enum.StrEnum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
-
-
-@dataclass(eq=False)
-class ServedModel:
-    """One model version: its artifact config, runners (instances) and batcher."""
-
-    name: str
-    version: int
-    path: Path
-    state: State = State.LOADING
-    reason: str | None = None
-    config: ArtifactConfig | None = None
-    batching: dict[str, Any] = field(default_factory=dict)
-    runners: list[ModelRunner] = field(default_factory=list)
-    batcher: DynamicBatcher | None = None
-    warmup_s: float | None = None
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return {"model": self.name, "version": str(self.version)}
-
-    @property
-    def ready_config(self) -> ArtifactConfig:
-        """The artifact config of a ready version (503 otherwise)."""
-        if self.state is not State.READY or self.config is None:
-            raise Unavailable(self.not_ready_message(), 5)
-        return self.config
-
-    def not_ready_message(self) -> str:
-        reason = f": {self.reason}" if self.reason else ""
-        return f"model {self.name} version {self.version} is not ready ({self.state}{reason})"
-
-    @contextlib.contextmanager
-    def admitted(self, n: int, timeout_s: float | None, arrival: float) -> Iterator[tuple[float, Reservation]]:
-        """Admission before any decoding: 503 unless ready with room for ``n`` images, room then held
-        for them until they are queued by :meth:`infer`, or given back when the request leaves this
-        block without. Yields the request's deadline (its own timeout, else this model's
-        ``request_timeout_s``, from arrival) and the room."""
-        if self.state is not State.READY or self.batcher is None:
-            raise Unavailable(self.not_ready_message(), 5)
-        room = self.batcher.admission.reserve(n)
-        try:
-            yield arrival + (timeout_s if timeout_s is not None else self.batching["request_timeout_s"]), room
-        finally:
-            room.release()  # a no-op once the images were queued
-
-    async def infer(
-        self, images: list[np.ndarray], deadline: float, room: Reservation | None = None, client: Client | None = None
-    ) -> list[np.ndarray]:
-        """Logits for each image, through the shared dynamic batcher (into ``room``, from :meth:`admitted`;
-        withdrawn if ``client`` leaves first)."""
-        if self.state is not State.READY or self.batcher is None:
-            raise Unavailable(self.not_ready_message(), 5)
-        return await self.batcher.submit(images, deadline, room, client)
-
-    def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
-            "name": self.name,
-            "version": self.version,
-            "state": str(self.state),
-            "ready": self.state is State.READY,
-            "reason": self.reason,
-        }
-        if self.config is not None:
-            c = self.config
-            info.update(
-                input=c.input.model_dump(),
-                labels=c.labels,
-                metrics=c.metrics,
-                params=c.params,
-                macs=c.macs,
-                architecture=c.architecture.model_dump(),
-                untrained=c.untrained,
-            )
-        if self.runners:
-            r = self.runners[0]
-            info.update(
-                device=str(r.device),
-                precision=str(r.options.dtype).removeprefix("torch."),
-                compiled=r.compiled,
-                compile_mode=r.options.mode if r.compiled else None,
-                buckets=r.buckets,
-                instances=len(self.runners),
-                warmup_s=self.warmup_s,
-                bucket_ms={b: round(t * 1000, 3) for b, t in r.bucket_seconds.items()},
-            )
-        info["batching"] = self.batching
-        return info
 
 
 def settle_heap() -> None:
@@ -152,27 +54,29 @@ def forget_series(served: ServedModel) -> None:
             gauge.remove(served.name, str(served.version))
 
 
-def validate_name(name: str) -> str:
-    """Model names index the file system: refuse anything that is not a plain name (no ../)."""
-    if not MODEL_NAME.fullmatch(name):
-        raise NotFound(f"unknown model {name!r}")
-    return name
+AdmissionFactory = Callable[[ServedModel, InferenceStats], Admission]
 
 
-class ModelRegistry:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.store = Path(settings.model_store)
+class ModelRegistry(Catalog):
+    def __init__(
+        self,
+        settings: Settings,
+        admission: AdmissionFactory | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        """``admission`` makes each version's queue bound (default: counted in this process); ``on_change`` is
+        called, from whichever thread made it, after any change of what is served or of a version's state."""
+        super().__init__(settings)
         self.device = resolve_device(settings.device)
-        self._models: dict[tuple[str, int], ServedModel] = {}
-        self._configured: set[tuple[str, int]] = set()
-        self.missing: list[str] = []  # named in IGCV2_MODELS, no version in the store: never ready
+        self._admission = admission
+        self._on_change = on_change or (lambda: None)
         self._pending: set[tuple[str, int]] = set()  # loads through the control route, not yet registered
         self._released: list[ServedModel] = []  # released while a batch was still computing (see still_computing)
-        self._lock = threading.Lock()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.started = False
+        # Loads through the control route compile for a minute; not on the loop's default executor,
+        # which asyncio.run waits for at exit, so a shutdown can abandon them (service.__main__).
+        self._load_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-load")
 
     # ----- discovery and loading (blocking: run in a thread) -----
 
@@ -236,14 +140,22 @@ class ModelRegistry:
                 except Unavailable as exc:  # shut down or unloaded while it warmed up: not a fault
                     served.state, served.reason = State.FAILED, exc.message
                     log.info("%s", exc.message)
+                    self._on_change()
                 except Exception as exc:  # a broken artifact must not take the service down
                     self._fail(served, exc)
         finally:  # readiness waits for this flag: never leave it unset
             settle_heap()
             self.started = True
+            self._on_change()
 
-    def load(self, name: str, version: int | None = None) -> ServedModel:
-        """Load (or reload) a version at run time; a failure leaves what is served untouched."""
+    async def load(self, name: str) -> ServedModel:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._load_pool, self.load_version, name)
+        except ArtifactError as exc:
+            raise BadInput(f"failed to load model {name!r}: {exc}") from exc
+
+    def load_version(self, name: str, version: int | None = None) -> ServedModel:
+        """Load (or reload) a version at run time, blocking; a failure leaves what is served untouched."""
         validate_name(name)
         available = versions(self.store / name)
         if not available:
@@ -301,8 +213,20 @@ class ModelRegistry:
             runners.append(ModelRunner(model_copy, options, f"{served.name}-v{served.version}-{i}"))
         # Warm every instance up on its own inference thread (compiled graphs belong to it).
         warmups = [r.executor.submit(r.warmup) for r in runners]
-        served.warmup_s = max(f.result() for f in warmups)
+        warmup_s = max(f.result() for f in warmups)
         served.runners = runners
+        r = runners[0]
+        served.runtime = {
+            "device": str(r.device),
+            "precision": str(r.options.dtype).removeprefix("torch."),
+            "compiled": r.compiled,
+            "compile_mode": r.options.mode if r.compiled else None,
+            "buckets": r.buckets,
+            "instances": len(runners),
+            "warmup_s": warmup_s,
+            "bucket_ms": {b: round(t * 1000, 3) for b, t in r.bucket_seconds.items()},
+        }
+        make_admission = self._admission
         served.batcher = DynamicBatcher(
             runners,
             max_batch_size=served.batching["max_batch_size"],
@@ -310,7 +234,8 @@ class ModelRegistry:
             max_queue_size=served.batching["max_queue_size"],
             model=served.name,
             version=served.version,
-            bucket_seconds=runners[0].bucket_seconds,
+            bucket_seconds=r.bucket_seconds,
+            admission=None if make_admission is None else lambda stats: make_admission(served, stats),
         )
         if self._loop is None:
             raise RuntimeError("registry used before load_configured() gave it the event loop")
@@ -330,8 +255,8 @@ class ModelRegistry:
             why = "the service shut down" if self._closed else "it was unloaded"
             raise Unavailable(f"{served.name} v{served.version}: {why} while it loaded", 1)
         metrics.MODEL_READY.labels(**served.labels).set(1)
-        metrics.WARMUP_DURATION.labels(**served.labels).set(served.warmup_s)
-        r = runners[0]
+        metrics.WARMUP_DURATION.labels(**served.labels).set(warmup_s)
+        self._on_change()
         log.info(
             "%s v%s ready on %s (%s, %s, %d instance(s)): warm-up %.1fs, load %.1fs; ms per call by bucket %s",
             served.name,
@@ -340,7 +265,7 @@ class ModelRegistry:
             str(r.options.dtype).removeprefix("torch."),
             f"compiled mode={r.options.mode}" if r.compiled else "eager",
             len(runners),
-            served.warmup_s,
+            warmup_s,
             time.perf_counter() - started,
             ", ".join(f"{b}: {t * 1000:.2f}" for b, t in r.bucket_seconds.items()),
         )
@@ -352,39 +277,7 @@ class ModelRegistry:
         log.error(
             "%s v%s NOT loaded: %s", served.name, served.version, exc, exc_info=not isinstance(exc, ArtifactError)
         )
-
-    # ----- serving -----
-
-    def resolve(self, name: str, version: int | None = None) -> ServedModel:
-        """The version a request addresses: the named one, or the highest ready one."""
-        validate_name(name)
-        candidates = sorted((m for (n, _), m in self._snapshot() if n == name), key=lambda m: m.version)
-        if not candidates:
-            raise NotFound(f"unknown model {name!r}; loaded: {', '.join(self.names()) or 'none'}")
-        if version is not None:
-            for m in candidates:
-                if m.version == version:
-                    return m
-            raise NotFound(
-                f"model {name!r} has no loaded version {version}; loaded: "
-                f"{', '.join(str(m.version) for m in candidates)}"
-            )
-        ready = [m for m in candidates if m.state is State.READY]
-        if ready:
-            return ready[-1]
-        raise Unavailable(candidates[-1].not_ready_message(), 5)
-
-    def names(self) -> list[str]:
-        return sorted({n for (n, _), _ in self._snapshot()})
-
-    def all(self) -> list[ServedModel]:
-        return [m for _, m in sorted(self._snapshot(), key=lambda entry: entry[0])]
-
-    def _snapshot(self) -> list[tuple[tuple[str, int], ServedModel]]:
-        """The registered versions, copied under the lock: a load through the control route registers
-        its version from a thread, and iterating the dict meanwhile raises (a 500)."""
-        with self._lock:
-            return list(self._models.items())
+        self._on_change()
 
     def loading(self) -> list[str]:
         """The versions still being loaded, compiled or warmed up (``name vN``): configured ones at
@@ -394,24 +287,6 @@ class ModelRegistry:
         return [f"{m.name} v{m.version}" for m in self.all() if m.state is State.LOADING] + [
             f"{name} v{version}" for name, version in pending
         ]
-
-    def is_ready(self) -> bool:
-        return (
-            self.started
-            and not self.missing
-            and all((k in self._models and self._models[k].state is State.READY) for k in self._configured)
-        )
-
-    def not_ready(self) -> list[str]:
-        """What readiness waits for: versions not ready (``name vN state``) and configured models the
-        store lacks."""
-        return [f"{m.name} v{m.version} {m.state}" for m in self.all() if m.state is not State.READY] + [
-            f"{name} not in the model store" for name in self.missing
-        ]
-
-    def known_model_label(self, name: str) -> str:
-        """A bounded metrics label: the model name if it is loaded, else 'unknown'."""
-        return name if any(n == name for (n, _), _ in self._snapshot()) else "unknown"
 
     async def unload(self, name: str, version: int | None = None) -> list[ServedModel]:
         """Stop serving a model (all versions, or one); queued work finishes first."""
@@ -423,9 +298,13 @@ class ModelRegistry:
             with self._lock:
                 self._models.pop((m.name, m.version), None)
                 self._configured.discard((m.name, m.version))
+            self._on_change()
             await self.release(m)
         settle_heap()
         return targets
+
+    async def statistics(self, models: list[ServedModel]) -> list[dict[str, Any]]:
+        return [(m.batcher.stats if m.batcher else InferenceStats()).triton(m.name, m.version) for m in models]
 
     def still_computing(self) -> list[str]:
         """Released versions (``name vN``) whose model call, still running when their time was up,
@@ -455,18 +334,7 @@ class ModelRegistry:
         stop. A load still running is not waited for; it will not start serving."""
         with self._lock:
             self._closed = True
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
         served = self.all()
         await asyncio.gather(*(self.release(m, timeout) for m in served))
         gc.unfreeze()  # nothing is served any more: the collector may have it all back
-
-
-def parse_version(value: str | int | None) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        version = int(value)
-    except (TypeError, ValueError):
-        raise InvalidParameter(f"version must be a positive integer, got {value!r}") from None
-    if version < 1:
-        raise InvalidParameter(f"version must be a positive integer, got {value!r}")
-    return version

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api.schemas import Health
-from service.registry import ModelRegistry
+from service.catalog import Catalog
 
 router = APIRouter(tags=["health"])
 
@@ -20,7 +20,7 @@ async def live() -> dict:
     "/health/ready", methods=["GET", "HEAD"], response_model=Health, responses={503: {"description": "Not ready yet"}}
 )
 async def ready(request: Request) -> JSONResponse:
-    registry: ModelRegistry = request.app.state.registry
+    registry: Catalog = request.app.state.registry
     models = [{"name": m.name, "version": m.version, "state": str(m.state), "reason": m.reason} for m in registry.all()]
     if registry.is_ready() and not request.app.state.draining:
         return JSONResponse({"status": "ready", "models": models})

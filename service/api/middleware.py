@@ -22,8 +22,8 @@ from starlette.routing import Match
 from igcv2.names import VERSION_TEXT
 from service import metrics
 from service.batching import DOOR, Reservation
+from service.catalog import Catalog
 from service.errors import BodyTimeout, ServiceError, TooLarge, Unavailable
-from service.registry import ModelRegistry
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -295,7 +295,7 @@ class Shedding:
     the precise error.
     """
 
-    def __init__(self, app: ASGIApp, registry: ModelRegistry, default_model: str) -> None:
+    def __init__(self, app: ASGIApp, registry: Catalog, default_model: str) -> None:
         self.app = app
         self.registry = registry
         self.default_model = default_model

@@ -5,21 +5,21 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api.schemas import ERROR_RESPONSES, ModelDetail, ModelList
+from service.catalog import Catalog, validate_name
 from service.errors import NotFound
-from service.registry import ModelRegistry, validate_name
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> dict:
-    registry: ModelRegistry = request.app.state.registry
+    registry: Catalog = request.app.state.registry
     return {"default_model": registry.settings.default_model, "models": [m.describe() for m in registry.all()]}
 
 
 @router.get("/models/{name}", response_model=ModelDetail, responses=ERROR_RESPONSES)
 async def get_model(request: Request, name: str) -> dict:
-    registry: ModelRegistry = request.app.state.registry
+    registry: Catalog = request.app.state.registry
     validate_name(name)
     found = [m.describe() for m in registry.all() if m.name == name]
     if not found:

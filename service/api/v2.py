@@ -18,11 +18,10 @@ from fastapi.responses import Response
 from igcv2.names import VERSION_TEXT
 from service import oip
 from service.api.schemas import ERROR_RESPONSES, RequestTimeout
+from service.catalog import Catalog, State
 from service.client import client_of
 from service.engine import Engine
 from service.errors import BadInput, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable, UnsupportedMediaType
-from service.registry import ModelRegistry, State
-from service.stats import InferenceStats
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"], responses=ERROR_RESPONSES)
 SERVER_NAME = "igcv2"
@@ -163,7 +162,7 @@ async def server_live() -> dict:
 @router.api_route("/v2/health/ready", methods=["GET", "HEAD"])
 async def server_ready(request: Request) -> dict:
     """200 once every configured model is loaded and warmed up; 503 (with the reason) before, and while draining."""
-    registry: ModelRegistry = request.app.state.registry
+    registry: Catalog = request.app.state.registry
     if request.app.state.draining:
         raise Unavailable("server is shutting down", 1)
     if not registry.is_ready():
@@ -181,9 +180,7 @@ async def model_statistics(request: Request) -> dict:
     """Triton's statistics extension: request counts, queue and compute time (ns) per version."""
     engine, name = engine_of(request), request.path_params.get("name")
     models = engine.loaded(name, version_number(request, name)) if name else engine.registry.all()
-    return {
-        "model_stats": [(m.batcher.stats if m.batcher else InferenceStats()).triton(m.name, m.version) for m in models]
-    }
+    return {"model_stats": await engine.registry.statistics(models)}
 
 
 @router.get("/v2/models/{name}")

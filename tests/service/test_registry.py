@@ -24,9 +24,10 @@ from igcv2.artifact import CONFIG_FILE, WEIGHTS_FILE, ArtifactError, load_artifa
 from igcv2.data import FASHION_MNIST_LABELS
 from igcv2.networks import Normalized, build
 from service import registry as registry_module
+from service.catalog import ServedModel, State, parse_version, validate_name
 from service.config import Settings
 from service.errors import NotFound, Unavailable
-from service.registry import ModelRegistry, ServedModel, State, parse_version, validate_name
+from service.registry import ModelRegistry
 
 torch.set_num_threads(1)
 FASHION_INPUT = {"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]}
@@ -248,7 +249,7 @@ def test_a_missing_model_put_in_the_store_and_loaded_makes_the_server_ready(tmp_
     async def body(registry: ModelRegistry) -> None:
         assert not registry.is_ready()
         save(tmp_path / "later", seed=1)
-        await asyncio.to_thread(registry.load, "later")
+        await asyncio.to_thread(registry.load_version, "later")
         assert registry.is_ready() and registry.not_ready() == []
 
     with_registry(tmp_path, "good,later", body)
@@ -293,8 +294,8 @@ def test_resolve_picks_the_highest_ready_version(store: Path) -> None:
         with pytest.raises(Unavailable) as info:
             registry.resolve("good")  # only a failed version so far
         assert info.value.status_code == 503 and "checksum mismatch" in info.value.message
-        v1 = await asyncio.to_thread(registry.load, "good", 1)
-        v2 = await asyncio.to_thread(registry.load, "good", 2)
+        v1 = await asyncio.to_thread(registry.load_version, "good", 1)
+        v2 = await asyncio.to_thread(registry.load_version, "good", 2)
         assert registry.resolve("good") is v2, "the highest READY version, not the failed v3"
         assert registry.resolve("good", 1) is v1
         np.testing.assert_allclose(
@@ -338,7 +339,7 @@ def test_a_load_that_ends_after_close_never_serves_and_leaves_no_thread(store: P
         await asyncio.to_thread(registry.load_configured, asyncio.get_running_loop())
         await registry.close()
         with pytest.raises(Unavailable, match="good v2: the service shut down while it loaded"):
-            await asyncio.to_thread(registry.load, "good", 2)
+            await asyncio.to_thread(registry.load_version, "good", 2)
         await asyncio.sleep(0.1)  # a batcher start would run on the loop now
         assert [(m.name, m.version) for m in registry.all()] == [("good", 1)]
         assert registry.loading() == []
@@ -374,7 +375,7 @@ def test_a_control_route_load_of_a_version_still_warming_up_is_refused(
         while registry.loading() != ["good v2"]:
             await asyncio.sleep(0.01)
         with pytest.raises(Unavailable, match="good version 2 is already loading") as refused:
-            await asyncio.to_thread(registry.load, "good", 2)
+            await asyncio.to_thread(registry.load_version, "good", 2)
         assert refused.value.headers == {"Retry-After": "5"}
         release.set()
         await startup
@@ -416,19 +417,19 @@ def test_loading_a_broken_version_leaves_the_served_one_untouched(store: Path) -
     async def body(registry: ModelRegistry) -> None:
         served = registry.resolve("good")
         with pytest.raises(ArtifactError, match="checksum mismatch"):
-            await asyncio.to_thread(registry.load, "good", 3)
+            await asyncio.to_thread(registry.load_version, "good", 3)
         assert registry.resolve("good") is served and served.state is State.READY
         assert [(m.name, m.version) for m in registry.all()] == [("good", 2)]
         # No series for a version that never served: a 0 would fire IGCV2ModelNotReady while ready.
         assert ready_gauge("good", 2) == 1 and ready_gauge("good", 3) is None
         with pytest.raises(ArtifactError, match="'max_batch_sise' not allowed"):  # the 400, not a 500
-            await asyncio.to_thread(registry.load, "typoserving")
+            await asyncio.to_thread(registry.load_version, "typoserving")
         assert registry.is_ready()
         assert (await served_logits(served, images)).shape == (2, 10)
         for name, version in [("good", 9), ("nope", None), ("../good", None)]:
             with pytest.raises(NotFound):
-                await asyncio.to_thread(registry.load, name, version)
-        assert await asyncio.to_thread(registry.load, "good", 2) is served, "a ready version is not reloaded"
+                await asyncio.to_thread(registry.load_version, name, version)
+        assert await asyncio.to_thread(registry.load_version, "good", 2) is served, "a ready version is not reloaded"
 
     with_registry(store, "good:2", body)
 
@@ -436,7 +437,7 @@ def test_loading_a_broken_version_leaves_the_served_one_untouched(store: Path) -
 def test_reloading_a_failed_configured_version_keeps_it_failed(store: Path) -> None:
     async def body(registry: ModelRegistry) -> None:
         with pytest.raises(ArtifactError):
-            await asyncio.to_thread(registry.load, "checksum")
+            await asyncio.to_thread(registry.load_version, "checksum")
         assert registry.resolve("checksum", 1).state is State.FAILED
         assert not registry.is_ready()
 
@@ -448,7 +449,7 @@ def test_unload_drains_queued_work_and_removes(store: Path) -> None:
     expected = offline_logits(store, "good", 2, images)
 
     async def body(registry: ModelRegistry) -> None:
-        await asyncio.to_thread(registry.load, "good", 1)
+        await asyncio.to_thread(registry.load_version, "good", 1)
         v2 = registry.resolve("good", 2)
         requests = [asyncio.create_task(served_logits(v2, images[i : i + 2])) for i in range(0, 6, 2)]
         await asyncio.sleep(0)  # queued
@@ -566,7 +567,7 @@ def test_loaded_models_are_frozen_out_of_the_garbage_collector_and_an_unload_fre
         cycle = Node()
         cycle.self = cycle  # type: ignore[attr-defined]  # garbage that only a cyclic collection frees
         alive = weakref.ref(cycle)
-        await asyncio.to_thread(registry.load, "good", 1)  # freezes the cycle too
+        await asyncio.to_thread(registry.load_version, "good", 1)  # freezes the cycle too
         assert gc.get_freeze_count() > frozen
         del cycle
         gc.collect()
