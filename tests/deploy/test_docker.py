@@ -282,7 +282,7 @@ def test_every_copied_source_is_in_the_build_context():
         for args in stage.all("COPY"):
             if args.startswith("--from"):
                 continue
-            words = [w for w in args.split() if not w.startswith("--")]
+            words = [resolve(w, stage_args(stage)) for w in args.split() if not w.startswith("--")]
             for source in words[:-1]:
                 assert (ROOT / source).exists(), f"COPY {source}: missing from the repository"
                 files = [p for p in (ROOT / source).rglob("*.py")] if (ROOT / source).is_dir() else [ROOT / source]
