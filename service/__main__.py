@@ -1,7 +1,8 @@
 """python -m service: serve the model store with uvicorn (uvloop + httptools, with limits on request heads).
 
 Settings come from IGCV2_* environment variables (or .env); --help lists them. With IGCV2_WORKERS > 1
-this process supervises that many copies of itself on one port (service/workers.py).
+this process supervises that many front-ends on one port and one model executor (service/workers.py,
+service/executor).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.config import Settings, env_name
-from service.workers import RUN_DIR, Supervisor, Worker, follow_parent
+from service.workers import EXECUTOR, RUN_DIR, Supervisor, Worker, follow_parent
 
 if TYPE_CHECKING:
     from service.catalog import Catalog
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:SOCKET_FD:SUPERVISOR_PID:REPLACEMENT
+    parser.add_argument("--executor", help=argparse.SUPPRESS)  # SUPERVISOR_PID:REPLACEMENT:RUN_DIR
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -73,13 +75,30 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"invalid settings:\n{problems}", file=sys.stderr)
         return 2
-    who = f" [worker {args.worker.split(':')[0]}]" if args.worker else ""
+    who = f" [worker {args.worker.split(':')[0]}]" if args.worker else " [executor]" if args.executor else ""
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s"
     )
+    if args.executor:
+        return execute(settings, args.executor)
     if settings.workers > 1 and not args.worker:
         return Supervisor(settings).run()
     return serve(settings, args.worker)
+
+
+def execute(settings: Settings, role: str) -> int:
+    """Run the model executor of a supervisor ``SUPERVISOR_PID:REPLACEMENT:RUN_DIR`` (service/executor)."""
+    from service.executor import server
+    from service.runtime import configure_cpu_threads
+
+    supervisor, replacement, run_dir = role.split(":", 2)
+    follow_parent(int(supervisor))
+    me = Worker(EXECUTOR, int(supervisor), Path(run_dir), bool(int(replacement)))
+    # Its intra-op threads take the cores the front-ends' event loops leave: one each.
+    configure_cpu_threads(settings.cpu_threads, settings.total_cores - settings.workers + 1)
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+    abandon_loading(server.run(settings, me).registry, 0)
+    return 0
 
 
 def serve(settings: Settings, worker: str | None) -> int:
@@ -87,15 +106,17 @@ def serve(settings: Settings, worker: str | None) -> int:
     # Here, not at the top: a supervisor never needs torch, the models or the app (~300 MB).
     from service.app import create_app
     from service.http_protocol import bounded_http
-    from service.runtime import configure_cpu_threads
 
     sockets, me = None, None
-    if worker:
+    if worker:  # a front-end: its models are the executor's, and it never imports torch
         index, fd, supervisor, replacement = map(int, worker.split(":"))
         follow_parent(supervisor)
         sockets = [socket.socket(fileno=fd)]
         me = Worker(index, supervisor, Path(os.environ[RUN_DIR]), bool(replacement))
-    configure_cpu_threads(settings.cpu_threads, settings.cores)
+    else:
+        from service.runtime import configure_cpu_threads
+
+        configure_cpu_threads(settings.cpu_threads, settings.cores)
     # A compiled forward releases and retakes the GIL dozens of times; each time the busy event loop may
     # keep it for a whole switch interval. CPython's 5 ms cost 28% of saturation (benchmarks/RESULTS.md).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -20,32 +18,45 @@ from starlette.requests import ClientDisconnect
 from service import metrics
 from service.api import classify, health, models, v2
 from service.api.middleware import ApiKey, ASGIApp, BodyLimit, Draining, Receive, RequestMetrics, Scope, Send, Shedding
+from service.catalog import Catalog
 from service.config import Settings
 from service.engine import Engine
 from service.errors import ServiceError
-from service.registry import ModelRegistry
-from service.workers import Worker, metrics_registry
+from service.executor.remote import RemoteCatalog
+from service.workers import Worker, merged_with, metrics_registry
 
 log = logging.getLogger("igcv2.app")
 
 
 def create_app(settings: Settings | None = None, worker: Worker | None = None) -> FastAPI:
-    """The service; ``worker``: this process is one of several on one port (service/workers.py)."""
+    """The service; ``worker``: this process is one of several front-ends on one port, its models the
+    executor's (service/workers.py, service/executor)."""
     settings = settings or Settings()
-    registry = ModelRegistry(settings)
-    engine = Engine(settings, registry)
+    registry: Catalog
+    if worker is None:
+        from service.registry import ModelRegistry, record_device_memory  # here: a front-end never imports torch
 
-    def load(loop: asyncio.AbstractEventLoop) -> None:
-        registry.load_configured(loop)
-        record_device_memory()  # after warm-up, so each worker's share is there before any scrape of it
+        registry = ModelRegistry(settings)
+
+        async def scrape() -> bytes:
+            record_device_memory()
+            return generate_latest(REGISTRY)
+    else:
+        remote = registry = RemoteCatalog(settings, worker.run_dir, worker.index)
+        scraped = metrics_registry(worker)  # every front-end's metrics, from the run folder's files
+
+        async def scrape() -> bytes:
+            return generate_latest(merged_with(scraped, await remote.executor_metrics()))
+
+    engine = Engine(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = threading.Thread(target=load, args=(asyncio.get_running_loop(),), name="model-loader", daemon=True)
-        loader.start()
-        # A worker accepts nothing until its models are warm: uvicorn listens once this startup ends, and
-        # meanwhile the other workers take the connections (or, at the first start, they wait in the backlog).
-        while worker and loader.is_alive() and not app.state.draining:
+        registry.start()
+        # A front-end accepts nothing until the executor's models are warm: uvicorn listens once this startup
+        # ends, and meanwhile the other front-ends take the connections (or, at the first start, they wait in
+        # the backlog). One process alone is live at once and ready once its models are.
+        while worker and not registry.started and not app.state.draining:
             await asyncio.sleep(0.05)
         if worker and not app.state.draining:
             worker.announce_ready()
@@ -86,7 +97,6 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         redirect_slashes=False,  # an API: "/models/" is a 404 like any unknown path, not a redirect to "/models"
     )
     app.state.settings, app.state.registry, app.state.engine, app.state.draining = settings, registry, engine, False
-    scraped = metrics_registry(worker) if worker else REGISTRY
     if worker and worker.replacement:
         metrics.WORKER_RESTARTS.inc()
     for router in (classify.router, models.router, health.router, v2.router):
@@ -94,17 +104,10 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
 
     @app.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
     async def prometheus_metrics() -> Response:
-        record_device_memory()
-        return Response(generate_latest(scraped), media_type=CONTENT_TYPE_LATEST)
+        return Response(await scrape(), media_type=CONTENT_TYPE_LATEST)
 
     install_error_handlers(app)
     return app
-
-
-def record_device_memory() -> None:
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            metrics.DEVICE_MEMORY.labels(device=f"cuda:{i}").set(torch.cuda.memory_allocated(i))
 
 
 class ServiceApp(FastAPI):

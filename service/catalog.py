@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from igcv2.artifact import ArtifactConfig
 from igcv2.names import MODEL_NAME
+from igcv2.store import ArtifactConfig
 from service.batching import Admission, Reservation
 from service.client import Client
 from service.config import Settings
@@ -205,6 +205,11 @@ class Catalog(ABC):
         return name if any(n == name for (n, _), _ in self._snapshot()) else "unknown"
 
     # ----- what differs with where the models are -----
+
+    @abstractmethod
+    def start(self) -> None:
+        """Begin filling the catalog (on the event loop); :attr:`started` turns true once every configured
+        version has been tried."""
 
     @abstractmethod
     async def load(self, name: str) -> ServedModel:

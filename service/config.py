@@ -132,10 +132,10 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="Server processes sharing the port, each with its own event loop, GIL and copy of the models "
-        "(a GPU host wants several: one process keeps a GPU mostly idle); each accepts connections once "
-        "its models are warm, metrics cover them all; above 1, model load/unload through the control "
-        "routes is off.",
+        description="Front-end processes sharing the port (HTTP, auth, limits, decoding), each with its own event "
+        "loop and GIL; above 1 a model executor process of their own holds the models, queues and batcher for them "
+        "all (a GPU host wants several: one process keeps a GPU mostly idle). Front-ends accept connections once "
+        "the executor's models are warm; metrics cover every process.",
     )
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long to finish queued work before exiting."
@@ -184,9 +184,14 @@ class Settings(BaseSettings):
         return merged | {name: getattr(checked, name) for name in overrides}
 
     @property
+    def total_cores(self) -> int:
+        """The cores the whole server may use: ``cpus``, or what the process may run on."""
+        return self.cpus or usable_cpus()
+
+    @property
     def cores(self) -> int:
-        """This process's share of the server's cores (all of them with one worker)."""
-        return max(1, (self.cpus or usable_cpus()) // self.workers)
+        """A front-end's share of the server's cores (all of them with one process)."""
+        return max(1, self.total_cores // self.workers)
 
     @property
     def decode_workers(self) -> int:

@@ -7,8 +7,8 @@ raises :mod:`service.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from igcv2.artifact import InputSpec, versions
 from igcv2.names import MODEL_NAME
+from igcv2.store import InputSpec, versions
 from service import metrics, oip
 from service.catalog import Catalog, ServedModel, State, validate_name
 from service.client import Client
 from service.config import Settings
-from service.errors import BadInput, Conflict, InvalidParameter, NotFound, TooLarge
+from service.errors import BadInput, InvalidParameter, NotFound, TooLarge
 from service.imaging import check_media_type, load_image, open_image
 
 DEFAULT_TOP_K = 5
@@ -45,7 +45,6 @@ class Engine:
         self.settings = settings
         self.registry = registry
         self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
-        self._repository_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def check_count(self, n: int) -> None:
         if n == 0:
@@ -188,34 +187,20 @@ class Engine:
         return [e for e in found if e["state"] == "READY"] if ready_only else found
 
     async def load_model(self, name: str) -> ServedModel:
-        """Load a model's newest version without a restart. Compilation and warm-up block, so they
-        run in a thread while every other model keeps serving; loads of one name run one at a time."""
+        """Load a model's newest version without a restart; every other model keeps serving meanwhile."""
         validate_name(name)
-        self.require_one_worker()
-        if not versions(self.registry.store / name):  # before taking a lock: one lock per stored model at most
+        if not versions(self.registry.store / name):
             raise NotFound(f"model {name!r} not found in the model store")
-        async with self._repository_locks[name]:
-            return await self.registry.load(name)
+        return await self.registry.load(name)
 
     async def unload_model(self, name: str) -> None:
         """Stop serving every version of a model once its queued requests are answered; other
         models and their queues are untouched. Unloading a model that is not loaded is a no-op."""
         validate_name(name)
-        self.require_one_worker()
         if name not in self.registry.names() and not versions(self.registry.store / name):
             raise NotFound(f"unknown model {name!r}: not loaded and not in the model store")
-        async with self._repository_locks[name]:
-            if name in self.registry.names():
-                await self.registry.unload(name)
-
-    def require_one_worker(self) -> None:
-        """Each worker holds its own models, and a control request reaches only one of them."""
-        if self.settings.workers > 1:
-            raise Conflict(
-                f"model load/unload is off with IGCV2_WORKERS={self.settings.workers}: each worker "
-                "process holds its own models and this request would change one of them; set "
-                "IGCV2_MODELS and restart, or run one worker"
-            )
+        with contextlib.suppress(NotFound):  # not loaded (or unloaded meanwhile)
+            await self.registry.unload(name)
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

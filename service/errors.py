@@ -42,12 +42,6 @@ class NotFound(ServiceError):
     status_code = 404
 
 
-class Conflict(ServiceError):
-    """A request the service's configuration rules out (model control with several workers)."""
-
-    status_code = 409
-
-
 class ClientLeft(ServiceError):
     """The client closed its connection before its answer: 499, nginx's "client closed request",
     which nobody reads but the metrics."""
@@ -82,3 +76,11 @@ class DeadlineExceeded(ServiceError):
     """The request's deadline passed before its images were computed."""
 
     status_code = 504
+
+
+def from_status(status: int, message: str, headers: dict[str, str] | None = None) -> ServiceError:
+    """The error another process of the service answered with, rebuilt from its status, message and headers."""
+    kind = next((c for c in ServiceError.__subclasses__() if c.status_code == status), ServiceError)
+    error = kind.__new__(kind)
+    ServiceError.__init__(error, message, headers)
+    return error

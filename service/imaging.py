@@ -17,8 +17,8 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from igcv2.artifact import InputSpec
 from igcv2.data import fit_image
+from igcv2.store import InputSpec
 from service.errors import BadInput, TooLarge, UnsupportedMediaType
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from igcv2.artifact import ArtifactConfig, InputSpec
+from igcv2.store import ArtifactConfig, InputSpec
 from service.config import MAX_REQUEST_TIMEOUT_S
 from service.errors import BadInput, TooLarge
 

@@ -12,10 +12,14 @@ import contextlib
 import copy
 import gc
 import logging
+import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import torch
 
 from igcv2.artifact import ArtifactError, load_artifact, versions
 from igcv2.names import MODEL_NAME
@@ -41,6 +45,13 @@ def settle_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+def record_device_memory() -> None:
+    """Set ``igcv2_device_memory_bytes`` from what CUDA has allocated now (nothing on a CPU)."""
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            metrics.DEVICE_MEMORY.labels(device=f"cuda:{i}").set(torch.cuda.memory_allocated(i))
 
 
 def forget_series(served: ServedModel) -> None:
@@ -77,6 +88,17 @@ class ModelRegistry(Catalog):
         # Loads through the control route compile for a minute; not on the loop's default executor,
         # which asyncio.run waits for at exit, so a shutdown can abandon them (service.__main__).
         self._load_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="model-load")
+        self._control: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # loads and unloads, by name
+
+    def start(self) -> None:
+        """Load every configured version in a thread of its own: the process is live at once."""
+        loop = asyncio.get_running_loop()
+
+        def load() -> None:
+            self.load_configured(loop)
+            record_device_memory()  # after warm-up, so it is there before any scrape
+
+        threading.Thread(target=load, name="model-loader", daemon=True).start()
 
     # ----- discovery and loading (blocking: run in a thread) -----
 
@@ -149,10 +171,13 @@ class ModelRegistry(Catalog):
             self._on_change()
 
     async def load(self, name: str) -> ServedModel:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._load_pool, self.load_version, name)
-        except ArtifactError as exc:
-            raise BadInput(f"failed to load model {name!r}: {exc}") from exc
+        """Compilation and warm-up block, so they run in a thread; loads and unloads of one name run one
+        at a time (whichever front-end asked)."""
+        async with self._control[name]:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._load_pool, self.load_version, name)
+            except ArtifactError as exc:
+                raise BadInput(f"failed to load model {name!r}: {exc}") from exc
 
     def load_version(self, name: str, version: int | None = None) -> ServedModel:
         """Load (or reload) a version at run time, blocking; a failure leaves what is served untouched."""
@@ -289,17 +314,17 @@ class ModelRegistry(Catalog):
         ]
 
     async def unload(self, name: str, version: int | None = None) -> list[ServedModel]:
-        """Stop serving a model (all versions, or one); queued work finishes first."""
         validate_name(name)
-        targets = [m for (n, v), m in self._snapshot() if n == name and version in (None, v)]
-        if not targets:
-            raise NotFound(f"model {name!r}" + (f" version {version}" if version else "") + " is not loaded")
-        for m in targets:
-            with self._lock:
-                self._models.pop((m.name, m.version), None)
-                self._configured.discard((m.name, m.version))
-            self._on_change()
-            await self.release(m)
+        async with self._control[name]:
+            targets = [m for (n, v), m in self._snapshot() if n == name and version in (None, v)]
+            if not targets:
+                raise NotFound(f"model {name!r}" + (f" version {version}" if version else "") + " is not loaded")
+            for m in targets:
+                with self._lock:
+                    self._models.pop((m.name, m.version), None)
+                    self._configured.discard((m.name, m.version))
+                self._on_change()
+                await self.release(m)
         settle_heap()
         return targets
 

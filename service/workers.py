@@ -1,14 +1,15 @@
-"""Several server processes on one port (``IGCV2_WORKERS`` > 1).
+"""Several server processes on one port (``IGCV2_WORKERS`` > 1): N front-ends and one model executor.
 
 One Python process is one GIL: HTTP parsing, multipart, decoding and the inference thread's own
 Python take turns on it, which leaves a GPU mostly idle (benchmarks/RESULTS.md: 3-32% busy with one
-process on an H200). The supervisor binds the port once and starts that many copies of the service
-on the shared socket; the kernel hands each new connection to a worker that is accepting.
+process on an H200). The supervisor binds the port once, starts the executor (service/executor: the
+models, queues, batcher and inference threads) and that many front-ends on the shared socket; the
+kernel hands each new connection to a front-end that is accepting. A process that dies is restarted.
 
-Every worker loads, compiles and warms up its models *before* it accepts a connection, so whatever
-answers is ready to serve, at the first start and when a dead worker is replaced while the others
-serve. The workers' Prometheus values live in files in a private run folder (prometheus_client's
-multiprocess mode), so a scrape of any worker reports them all.
+A front-end accepts connections once the executor has loaded its models (at the first start; a
+front-end replaced later accepts at once). The front-ends' Prometheus values live in files in a private
+run folder (prometheus_client's multiprocess mode), the executor's in the executor, and a scrape of any
+front-end reports them all. The executor's Unix socket and the ledger's lock file live there too.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ PR_SET_PDEATHSIG = 1
 RESTART_DELAY_S = (1.0, 60.0)  # after a worker dies: first delay, doubled while it keeps dying young
 YOUNG_S = 60.0  # a worker that dies before it is ready or this soon after is failing to start, not crashing once
 GIVE_UP_AFTER = 5  # young deaths of one worker in a row: stop, so the orchestrator sees a failed service
+EXECUTOR = -1  # the executor's index among the supervisor's children (front-ends are 0..N-1)
+
+
+def name_of(index: int) -> str:
+    return "the executor" if index == EXECUTOR else f"worker {index}"
 
 
 def ready_marker(run_dir: Path, pid: int) -> Path:
@@ -52,7 +58,7 @@ def ready_marker(run_dir: Path, pid: int) -> Path:
 
 @dataclass(frozen=True)
 class Worker:
-    """This process is worker ``index`` of the supervisor ``supervisor``."""
+    """This process is worker ``index`` (a front-end, or the executor) of the supervisor ``supervisor``."""
 
     index: int
     supervisor: int
@@ -146,6 +152,30 @@ def metrics_registry(worker: Worker) -> CollectorRegistry:
     return registry
 
 
+class merged_with:
+    """``registry``'s metrics and the executor's ``families`` (:func:`service.executor.server.exported_metrics`)
+    as one scrape: a family both report (requests refused at a front-end's door and in the executor) is one
+    family whose samples add up."""
+
+    def __init__(self, registry: Collector, families: list[tuple[str, str, str, list[tuple[str, dict, float]]]]):
+        self.registry = registry
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        merged = {family.name: family for family in self.registry.collect()}
+        for name, kind, documentation, samples in self.families:
+            family = merged.setdefault(name, Metric(name, documentation, kind))
+            index = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(family.samples)}
+            for sample_name, labels, value in samples:
+                key = (sample_name, tuple(sorted(labels.items())))
+                if key in index:
+                    old = family.samples[index[key]]
+                    family.samples[index[key]] = old._replace(value=old.value + value)
+                else:
+                    family.add_sample(sample_name, labels, value)
+        yield from merged.values()
+
+
 def follow_parent(parent: int) -> None:
     """Get SIGTERM (a graceful drain) when the supervisor dies, so no orphan keeps the port (Linux)."""
     try:
@@ -183,7 +213,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         log.info(
-            "listening on http://%s:%d with %d workers (pid %d; run folder %s)",
+            "listening on http://%s:%d with %d front-end workers and a model executor (pid %d; run folder %s)",
             s.host,
             sock.getsockname()[1],
             s.workers,
@@ -192,7 +222,7 @@ class Supervisor:
         )
         env = {**os.environ, RUN_DIR: str(self.run_dir)}
         try:
-            for index in range(s.workers):
+            for index in (EXECUTOR, *range(s.workers)):
                 self.spawn(index, sock, env)
             while not self.stopping.wait(0.2):
                 self.tend(sock, env)
@@ -204,10 +234,14 @@ class Supervisor:
 
     def spawn(self, index: int, sock: socket.socket, env: dict[str, str]) -> None:
         replacement = int(index in self.children)
-        command = [sys.executable, "-m", "service", "--worker", f"{index}:{sock.fileno()}:{os.getpid()}:{replacement}"]
-        process = subprocess.Popen(command, env=env, pass_fds=(sock.fileno(),))
+        if index == EXECUTOR:  # its metrics stay in the process (the front-ends' scrapes ask it): no RUN_DIR
+            role = ["--executor", f"{os.getpid()}:{replacement}:{self.run_dir}"]
+            env, fds = {k: v for k, v in env.items() if k != RUN_DIR}, ()
+        else:
+            role, fds = ["--worker", f"{index}:{sock.fileno()}:{os.getpid()}:{replacement}"], (sock.fileno(),)
+        process = subprocess.Popen([sys.executable, "-m", "service", *role], env=env, pass_fds=fds)
         self.children[index] = (process, time.monotonic())
-        log.info("worker %d started (pid %d)", index, process.pid)
+        log.info("%s started (pid %d)", name_of(index), process.pid)
 
     def tend(self, sock: socket.socket, env: dict[str, str]) -> None:
         """Restart dead workers: at once after a crash, later and later while one dies young, and
@@ -225,9 +259,9 @@ class Supervisor:
             self.young_deaths[index] = self.young_deaths.get(index, 0) + 1 if death.young else 0
             if self.young_deaths[index] >= GIVE_UP_AFTER:
                 log.error(
-                    "worker %d (pid %d) %s: %d deaths in a row before it was ready or within %.0fs of it; "
+                    "%s (pid %d) %s: %d deaths in a row before it was ready or within %.0fs of it; "
                     "stopping the service",
-                    index,
+                    name_of(index),
                     process.pid,
                     death,
                     GIVE_UP_AFTER,
@@ -240,7 +274,7 @@ class Supervisor:
             lo, hi = RESTART_DELAY_S
             delay = min(hi, lo * 2 ** max(0, self.young_deaths[index] - 1))
             self.restart_at[index] = now + delay
-            log.error("worker %d (pid %d) %s; restarting it in %.0fs", index, process.pid, death, delay)
+            log.error("%s (pid %d) %s; restarting it in %.0fs", name_of(index), process.pid, death, delay)
 
     def reap(self, index: int, now: float) -> Death | None:
         """How worker ``index`` died, its run files then cleared; None while it lives (noting when it is ready)."""
@@ -257,19 +291,29 @@ class Supervisor:
         return Death(code, now - started, None if ready_at is None else now - ready_at)
 
     def stop(self) -> int:
-        """SIGTERM to every live worker; each drains within the shutdown timeout (its own bound). Exit 1 if one
-        did not drain, not for one that died before the stop: that is a crash, logged as such."""
+        """SIGTERM to every live front-end, then, once they have drained, to the executor (whatever they accepted
+        needs it). Each drains within the shutdown timeout (its own bound). Exit 1 if one did not drain, not for one
+        that died before the stop: that is a crash, logged as such."""
+        frontends = [index for index in self.children if index != EXECUTOR]
+        failed = self._stop(frontends) + self._stop([EXECUTOR] if EXECUTOR in self.children else [])
+        if failed:
+            log.error("workers that did not exit cleanly (pid, code): %s", failed)
+        return 1 if failed or self.failed else 0
+
+    def _stop(self, indices: list[int]) -> list[tuple[int, int | None]]:
+        """Stop these children; returns (pid, exit code) of those that did not drain."""
         deadline = time.monotonic() + self.settings.shutdown_timeout_s + 30
         running: list[subprocess.Popen] = []
         gone: list[int] = []  # dead, or dying of a SIGKILL, since the last tend(): crashes, not drains
-        for index, (process, _) in self.children.items():
+        for index in indices:
+            process = self.children[index][0]
             if index in self.restart_at:  # died earlier, reaped by tend()
                 continue
             if process.poll() is None and not dying(process.pid):
                 running.append(process)
             else:
                 gone.append(index)
-        log.info("stopping: SIGTERM to %d workers", len(running))
+        log.info("stopping: SIGTERM to %s", ", ".join(f"pid {p.pid}" for p in running) or "nobody")
         for process in running:
             process.send_signal(signal.SIGTERM)
         failed: list[tuple[int, int | None]] = []
@@ -279,20 +323,18 @@ class Supervisor:
                 process.wait(max(0.0, deadline - time.monotonic()))
             death = self.reap(index, time.monotonic())
             if death is None:
-                log.error("worker %d (pid %d) was being killed and did not go in time", index, process.pid)
+                log.error("%s (pid %d) was being killed and did not go in time", name_of(index), process.pid)
                 failed.append((process.pid, None))
             else:
-                log.error("worker %d (pid %d) %s; not restarted: stopping", index, process.pid, death)
+                log.error("%s (pid %d) %s; not restarted: stopping", name_of(index), process.pid, death)
         for process in running:
             try:
                 code = process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("worker pid %d did not exit in time: killed", process.pid)
+                log.error("pid %d did not exit in time: killed", process.pid)
                 process.kill()
                 code = process.wait()
             # A worker still starting has no handler yet: SIGTERM ends it at once, as asked.
             if code not in (0, -signal.SIGTERM):
                 failed.append((process.pid, code))
-        if failed:
-            log.error("workers that did not exit cleanly (pid, code): %s", failed)
-        return 1 if failed or self.failed else 0
+        return failed

@@ -29,7 +29,6 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "mo
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing API key, or missing admin key when IGCV2_ADMIN_KEY is set"},
     403: {"description": "Wrong admin key"},
-    409: {"description": "Model control is off: the service runs several workers (IGCV2_WORKERS)"},
 }
 TENSOR_SCHEMA = {
     "type": "object",

@@ -101,11 +101,22 @@ class Ledger:
         self.fd = fd
         self.memory = mmap.mmap(fd, LEDGER_ROWS * ROW_CELLS * 8)
         self.cells = memoryview(self.memory).cast("q")
-        self._lock = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock = open(lock_path, "ab")  # noqa: SIM115 (lives as long as the ledger; closed with it, or by the GC)
 
     @classmethod
     def create(cls, lock_path: Path) -> Ledger:
+        """The executor's: a new ledger, whose descriptor it hands to every front-end."""
         return cls(memfd("igcv2-ledger", LEDGER_ROWS * ROW_CELLS * 8), lock_path)
+
+    @classmethod
+    def open(cls, fd: int, lock_path: Path) -> Ledger:
+        """A front-end's view of the executor's ledger (``fd`` is taken: the mapping outlives it). Nothing here
+        is ever closed by hand: a reservation still held when its executor died gives its room back into the
+        old memory, which goes once the last such object does."""
+        try:
+            return cls(fd, lock_path)
+        finally:
+            os.close(fd)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[memoryview]:
@@ -115,18 +126,25 @@ class Ledger:
         finally:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
 
-    def forget_frontend(self, frontend: int, rows: int) -> None:
-        """A front-end is gone: the room it held on every row in use comes back."""
+    def forget_frontend(self, frontend: int) -> None:
+        """A front-end is gone: the room it held on every row comes back."""
         with self.locked() as cells:
-            for row in range(rows):
-                base = row * ROW_CELLS
-                cells[base + HELD] -= cells[base + FIRST_FRONTEND + frontend]
-                cells[base + FIRST_FRONTEND + frontend] = 0
+            for base in range(0, LEDGER_ROWS * ROW_CELLS, ROW_CELLS):
+                if held := cells[base + FIRST_FRONTEND + frontend]:
+                    cells[base + HELD] -= held
+                    cells[base + FIRST_FRONTEND + frontend] = 0
+
+    def dequeued(self, row: int, n: int) -> None:
+        """``n`` images counted as queued on ``row`` are no longer (computed, expired, withdrawn, refused)."""
+        if n:
+            with self.locked() as cells:
+                cells[row * ROW_CELLS + QUEUED] -= n
 
     def close(self) -> None:
+        """The executor's, at its end."""
         self.cells.release()
         self.memory.close()
-        os.close(self._lock)
+        self._lock.close()
         os.close(self.fd)
 
 
@@ -179,6 +197,7 @@ class SharedAdmission(Admission):
         super().__init__(max_queue_size, labels, stats or InferenceStats())
         self.ledger = ledger
         self.arena = arena
+        self.row = row
         self.base = row * ROW_CELLS
         self.mine = None if frontend is None else self.base + FIRST_FRONTEND + frontend
 
@@ -225,9 +244,7 @@ class SharedAdmission(Admission):
             raise Unavailable("model version is shutting down or unloading; retry on another replica", 1)
 
     def left(self, n: int) -> None:
-        if n:
-            with self.ledger.locked() as cells:
-                cells[self.base + QUEUED] -= n
+        self.ledger.dequeued(self.row, n)
 
     def record_refusal(self) -> None:
         with self.ledger.locked() as cells:

@@ -1,9 +1,8 @@
-"""service/workers.py in parts: summed process metrics, the supervisor's restarts and stop, the run
-folder, each worker's share of the cores. The real supervisor runs in tests/e2e/test_workers.py."""
+"""service/workers.py in parts: summed process metrics, merged scrapes, the supervisor's restarts and stop,
+the run folder, each process's share of the cores. The real supervisor runs in tests/e2e/test_workers.py."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import shutil
@@ -15,14 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from service import workers as workers_module
 from service.config import Settings
-from service.engine import Engine
-from service.errors import Conflict
-from service.registry import ModelRegistry
 from service.runtime import configure_cpu_threads
-from service.workers import GIVE_UP_AFTER, YOUNG_S, ServiceProcesses, Supervisor, dying, ready_marker
+from service.workers import (
+    EXECUTOR,
+    GIVE_UP_AFTER,
+    YOUNG_S,
+    ServiceProcesses,
+    Supervisor,
+    dying,
+    merged_with,
+    ready_marker,
+)
 
 
 def test_process_metrics_add_up_the_supervisor_and_its_workers_the_dead_ones_included() -> None:
@@ -141,6 +147,48 @@ def test_stopping_counts_a_worker_ended_by_its_sigterm_as_clean_and_any_other_fa
     shutil.rmtree(sup.run_dir)
 
 
+def test_the_executor_is_stopped_after_every_front_end_has_drained() -> None:
+    """What the front-ends accepted needs the executor to be answered."""
+    order: list[str] = []
+
+    class Recorded(FakeWorker):
+        def __init__(self, pid: int, name: str) -> None:
+            super().__init__(pid)
+            self.name = name
+
+        def send_signal(self, sig: int) -> None:
+            order.append(f"SIGTERM {self.name}")
+            super().send_signal(sig)
+
+        def wait(self, timeout: float | None = None) -> int:
+            order.append(f"drained {self.name}")
+            return super().wait(timeout)
+
+    sup = supervisor(workers=2)
+    sup.children = {EXECUTOR: (Recorded(1, "executor"), 0.0), 0: (Recorded(2, "0"), 0.0), 1: (Recorded(3, "1"), 0.0)}
+    assert sup.stop() == 0
+    assert order == ["SIGTERM 0", "SIGTERM 1", "drained 0", "drained 1", "SIGTERM executor", "drained executor"]
+    shutil.rmtree(sup.run_dir)
+
+
+def test_a_scrape_merges_the_executors_families_into_the_front_ends() -> None:
+    """A family both report (refusals at a front-end's door, deadlines in the executor) is one family."""
+    local = CollectorRegistry()
+    Counter("igcv2_rejected_images", "Refused.", ["reason"], registry=local).labels(reason="queue_full").inc(3)
+    executor = [
+        ("igcv2_rejected_images", "counter", "Refused.", [
+            ("igcv2_rejected_images_total", {"reason": "queue_full"}, 2.0),
+            ("igcv2_rejected_images_total", {"reason": "deadline"}, 5.0),
+        ]),
+        ("igcv2_model_ready", "gauge", "Ready.", [("igcv2_model_ready", {"model": "m"}, 1.0)]),
+    ]  # fmt: skip
+    text = generate_latest(merged_with(local, executor)).decode()
+    assert text.count("# TYPE igcv2_rejected_images_total counter") == 1
+    assert 'igcv2_rejected_images_total{reason="queue_full"} 5.0' in text
+    assert 'igcv2_rejected_images_total{reason="deadline"} 5.0' in text
+    assert 'igcv2_model_ready{model="m"} 1.0' in text
+
+
 def test_a_worker_that_died_just_before_the_stop_is_a_crash_not_a_failed_drain(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -212,7 +260,7 @@ def test_the_run_folder_is_private_and_new() -> None:
         shutil.rmtree(second.run_dir)
 
 
-def test_each_worker_takes_its_share_of_the_cores() -> None:
+def test_each_front_end_takes_its_share_of_the_cores_and_the_executor_what_their_loops_leave() -> None:
     assert (Settings(cpus=16).cores, Settings(cpus=16).decode_workers) == (16, 16)
     assert (Settings(cpus=16, workers=4).cores, Settings(cpus=16, workers=4).decode_workers) == (4, 4)
     one_each = Settings(cpus=16, workers=16)
@@ -220,8 +268,11 @@ def test_each_worker_takes_its_share_of_the_cores() -> None:
     assert Settings(cpus=16, workers=4, decode_threads=3).decode_workers == 3
     before = torch.get_num_threads()
     try:
-        configure_cpu_threads(0, Settings(cpus=16, workers=4).cores)
-        assert torch.get_num_threads() == 3
+        configure_cpu_threads(0, Settings(cpus=16).cores)
+        assert torch.get_num_threads() == 15, "one process: all cores but the event loop's"
+        four = Settings(cpus=16, workers=4)
+        configure_cpu_threads(0, four.total_cores - four.workers + 1)  # as python -m service --executor does
+        assert torch.get_num_threads() == 12, "the executor: a core for each front-end's loop"
         configure_cpu_threads(0, 1)
         assert torch.get_num_threads() == 1
     finally:
@@ -232,14 +283,3 @@ def test_each_worker_takes_its_share_of_the_cores() -> None:
 def test_the_worker_count_is_bounded(workers: int) -> None:
     with pytest.raises(ValueError, match="workers"):
         Settings(workers=workers)
-
-
-def test_model_control_is_refused_with_several_workers(tmp_path: Path) -> None:
-    settings = Settings(workers=2, model_store=tmp_path)
-    engine = Engine(settings, ModelRegistry(settings))
-    try:
-        for call in (engine.load_model, engine.unload_model):
-            with pytest.raises(Conflict, match="IGCV2_WORKERS=2"):
-                asyncio.run(call("igcv2-fashion"))
-    finally:
-        engine.close()
