@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks import loadgen, report
 from benchmarks.loadgen import Body, HeyRun, Stream
-from benchmarks.server import ROOT, GpuUtilization, Service, http
+from benchmarks.server import ROOT, GpuUtilization, Service, StandinDevice, http
 from benchmarks.workloads import Workload, latest_version_dir, model_info, prepare, soak_classes, valid_bodies
 
 MODES = ("throughput", "sweep", "overload", "soak")
@@ -147,6 +147,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="extra environment for the servers and the ceiling (repeatable)",
+    )
+    p.add_argument(
+        "--service-root",
+        type=Path,
+        default=ROOT,
+        help="the checkout whose python -m service runs (another design, to compare with from its own worktree)",
+    )
+    p.add_argument(
+        "--standin-device",
+        metavar="A_MS,B_MS",
+        help="replace the model by a stand-in device shared by every server process whose calls take "
+        "A + B * bucket ms and release the GIL (benchmarks/standin); its busy share is reported as the GPU's",
     )
     p.add_argument("--bucket-seconds", type=float, help="ceiling: seconds per batch bucket")
     p.add_argument("--single-seconds", type=float, help="ceiling: seconds of single-image latency")
@@ -336,7 +348,11 @@ class Bench:
                 "speed is representative, predictions are not"
             )
         self.env = self.server_env()
-        self.gpu = GpuUtilization() if self.result["machine"]["gpus"] else None
+        self.gpu: GpuUtilization | StandinDevice | None = None
+        if args.standin_device:
+            self.gpu = StandinDevice(Path(self.env["STANDIN_DEVICE_FILE"]))
+        elif self.result["machine"]["gpus"]:
+            self.gpu = GpuUtilization()
         self.bodies = valid_bodies(self.work, self.out / "bodies", args.images_per_request)
         self.result["settings"] = {
             "concurrency": args.concurrency,
@@ -364,6 +380,16 @@ class Bench:
             env["IGCV2_MAX_BATCH_SIZE"] = str(self.args.max_batch_size)
         if self.args.max_queue_size:
             env["IGCV2_MAX_QUEUE_SIZE"] = str(self.args.max_queue_size)
+        if self.args.standin_device:
+            device = self.raw / "standin-device"
+            device.parent.mkdir(parents=True, exist_ok=True)
+            device.unlink(missing_ok=True)
+            env.update(
+                STANDIN_DEVICE_MS=self.args.standin_device,
+                STANDIN_DEVICE_FILE=str(device),
+                PYTHONPATH=str(ROOT / "benchmarks" / "standin"),
+                IGCV2_COMPILE="false",
+            )
         for item in self.args.server_env:
             key, sep, value = item.partition("=")
             if not sep:
@@ -406,7 +432,8 @@ class Bench:
 
     def start_service(self, label: str, extra: dict[str, str] | None = None) -> Service:
         self.log(f"starting the {label} server")
-        svc = Service(self.work.store, self.work.model, {**self.env, **(extra or {})}, self.raw / f"{label}.log", label)
+        env = {**self.env, **(extra or {})}
+        svc = Service(self.work.store, self.work.model, env, self.raw / f"{label}.log", label, self.args.service_root)
         svc.start(self.args.ready_timeout)
         self.log(f"{label} server ready in {svc.startup_s:.1f}s")
         if self.args.server_warmup > 0:

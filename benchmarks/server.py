@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -117,7 +118,11 @@ class Reading:
 class Service:
     """``python -m service`` on a free loopback port, serving one model from one store."""
 
-    def __init__(self, store: Path, model: str, env: Mapping[str, str], log_path: Path, label: str) -> None:
+    def __init__(
+        self, store: Path, model: str, env: Mapping[str, str], log_path: Path, label: str, root: Path = ROOT
+    ) -> None:
+        """``root``: the checkout whose ``python -m service`` runs (another design, to compare with)."""
+        self.root = root
         self.model = model
         self.label = label
         self.port = free_port()
@@ -150,7 +155,7 @@ class Service:
         started = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "service"], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "service"], cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = started + timeout
         while time.monotonic() < deadline:
@@ -259,3 +264,36 @@ class GpuUtilization:
     def close(self) -> None:
         self.process.kill()
         self.process.wait()
+
+
+class StandinDevice:
+    """The stand-in device's busy share (benchmarks/standin/sitecustomize.py), read like :class:`GpuUtilization`:
+    its busy-seconds counter sampled every ``interval_ms``, a phase taking the counter's growth over its window."""
+
+    def __init__(self, path: Path, interval_ms: int = 50) -> None:
+        self.path = path
+        self.samples: list[tuple[float, float]] = []
+        self.interval_s = interval_ms / 1000
+        self.stopped = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def busy_s(self) -> float:
+        try:
+            data = self.path.read_bytes()[:8]
+        except OSError:
+            return 0.0
+        return struct.unpack("<d", data)[0] if len(data) == 8 else 0.0
+
+    def _read(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            self.samples.append((time.monotonic(), self.busy_s()))
+
+    def mean(self, t0: float, t1: float) -> float | None:
+        inside = [(t, busy) for t, busy in self.samples if t0 <= t <= t1]
+        if len(inside) < 2:
+            return None
+        (start, first), (end, last) = inside[0], inside[-1]
+        return (last - first) / (end - start)
+
+    def close(self) -> None:
+        self.stopped.set()

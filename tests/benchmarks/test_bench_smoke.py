@@ -113,3 +113,24 @@ def test_benchmark_smoke_end_to_end(tmp_path: Path) -> None:
 
     assert (out / "latency_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Ratios" in (out / "results.md").read_text()
+
+
+@pytest.mark.timeout(200)
+def test_the_stand_in_device_is_shared_by_every_process_and_reports_its_busy_share(tmp_path: Path) -> None:
+    """A + B * bucket ms per call on one device for the whole server (here the executor of two front-ends):
+    the sweep reports its busy share where a GPU's would be, and the server computed nothing real."""
+    out = tmp_path / "bench"
+    cmd = [
+        *(sys.executable, "-m", "benchmarks.run", "--smoke", "--mode", "sweep", "--out", str(out)),
+        *("--model-store", str(default_model_store(tmp_path)), "--concurrency", "8", "--duration", "2"),
+        *("--standin-device", "2,0.05", "--server-env", "IGCV2_WORKERS=2"),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((out / "results.json").read_text())
+    (point,) = result["batching"]["sweep"]
+    assert set(point["codes"]) == {"200"} and point["throughput_images_per_s"] > 0
+    assert 0.05 < point["gpu_busy"] <= 1.0, point["gpu_busy"]
+    # Each call takes at least 2 ms of the one device: no more than 500 calls a second, whatever the CPU.
+    assert point["throughput_images_per_s"] / point["mean_batch_size"] <= 500 * 1.05
+    assert (out / "raw" / "standin-device").stat().st_size == 8
