@@ -186,6 +186,12 @@ class Catalog(ABC):
         with self._lock:
             return list(self._models.items())
 
+    @property
+    def configured(self) -> list[tuple[str, int]]:
+        """The versions readiness waits for."""
+        with self._lock:
+            return sorted(self._configured)
+
     def is_ready(self) -> bool:
         return (
             self.started

@@ -71,7 +71,6 @@ class Executor:
 
     def publish(self) -> None:
         """Send the front-ends what is served now (coalesced: several changes at once go as one frame)."""
-        self.rows = {row_of(m): m for m in self.registry.all() if m.batcher is not None}
         if self._catalog_due:
             return
         self._catalog_due = True
@@ -85,11 +84,14 @@ class Executor:
             connection.send(message)
 
     def catalog(self) -> dict[str, Any]:
+        """What is served now; the rows it names are the ones requests are routed by from now on."""
         registry = self.registry
+        served = registry.all()
+        self.rows = {row_of(m): m for m in served if m.batcher is not None}
         return {
             "started": registry.started,
             "missing": list(registry.missing),
-            "configured": sorted(registry._configured),
+            "configured": registry.configured,
             "models": [
                 (
                     m.name,
@@ -102,7 +104,7 @@ class Executor:
                     m.runtime,
                     None if m.batcher is None else row_of(m),
                 )
-                for m in registry.all()
+                for m in served
             ],
         }
 
