@@ -61,7 +61,7 @@ class ExecutorLink:
         while not self._closing:
             try:
                 reader = await self._connect()
-            except OSError as exc:  # not listening yet: starting, or restarting after a crash
+            except (OSError, ValueError, KeyError) as exc:  # not listening yet (starting, restarting), or mid-exit
                 if waited >= 5.0:
                     log.warning("no model executor at %s yet (%s); still trying", self.path, exc)
                     waited = 0.0
@@ -149,7 +149,7 @@ class ExecutorLink:
         self, queue: RemoteQueue, images: np.ndarray, deadline: float, room: SharedReservation, client: Client | None
     ) -> list[np.ndarray]:
         """Logits for ``images`` (written in ``room``'s block of the arena), computed by the executor."""
-        if self.writer is None:
+        if self.writer is None or queue.admission.ledger is not self.ledger:  # its rows were the last executor's
             raise Unavailable(f"{GONE}; retry", 1)
         block = queue.admission.send(room)
         request = next(self._ids)
