@@ -12,6 +12,7 @@ error, or any 5xx but the draining 503, is a lost request and fails the test.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -130,6 +131,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path:
     probes: list[Outcome] = []
     waiting: dict[int, float] = {}
     stop = threading.Event()
+    shm_before = set(os.listdir("/dev/shm"))
     with live_server(tmp_path, env) as server:
         deadline = time.monotonic() + 60
         threads = [
@@ -185,6 +187,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tmp_path:
     assert not late, f"answered 200 to requests that arrived after SIGTERM: {late[:3]}"
 
     assert log.count("igcv2.app: shutdown complete") == int(workers), log[-3000:]
+    assert set(os.listdir("/dev/shm")) <= shm_before, "the processes shared memory only through memfds"
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
     print(
         f"{len(outcomes)} requests: {len(accepted)} accepted before SIGTERM, {len(in_flight)} of them in flight "
