@@ -22,7 +22,7 @@ from service import metrics, oip
 from service.catalog import Catalog, ServedModel, State, validate_name
 from service.client import Client
 from service.config import Settings
-from service.errors import BadInput, InvalidParameter, NotFound, TooLarge
+from service.errors import BadInput, InvalidParameter, NotFound, TooLarge, Unavailable
 from service.imaging import check_media_type, load_image, open_image
 
 DEFAULT_TOP_K = 5
@@ -152,6 +152,37 @@ class Engine:
         values = {oip.LOGITS: logits, oip.PROBABILITIES: softmax(logits.astype(np.float64)).astype(np.float32)}
         outputs = oip.make_outputs(requested, values, config.labels)
         return oip.InferResponse(served.name, served.version, outputs, request.id)
+
+    # ----- protocol documents, for both wires (service/api/v2.py, service/grpc) -----
+
+    def check_ready(self) -> None:
+        """503, naming what it waits for, until every configured model is loaded and warmed up."""
+        if not self.registry.is_ready():
+            raise Unavailable(f"not ready: {', '.join(self.registry.not_ready()) or 'models not loaded yet'}", 5)
+
+    def model_ready(self, name: str, version: int | None) -> dict[str, Any]:
+        """The version (default: the newest ready one) when it can serve; 404 unknown, 503 not ready."""
+        served = self.registry.resolve(name, version)
+        if served.state is not State.READY:
+            raise Unavailable(served.not_ready_message(), 5)
+        return {"name": served.name, "version": str(served.version), "ready": True}
+
+    def model_metadata(self, name: str, version: int | None) -> dict[str, Any]:
+        served = self.registry.resolve(name, version)
+        config = served.ready_config
+        versions = [served.version] if version else [m.version for m in self.loaded(name) if m.state is State.READY]
+        return oip.model_metadata(served.name, versions, config)
+
+    def model_config(self, name: str, version: int | None) -> dict[str, Any]:
+        return oip.model_config(self.registry.resolve(name, version))
+
+    async def model_statistics(self, name: str | None, version: int | None) -> list[dict[str, Any]]:
+        """Triton's statistics of the model's loaded versions, or of every loaded model (``name`` None)."""
+        return await self.registry.statistics(self.loaded(name, version) if name else self.registry.all())
+
+    def model_label(self, name: str) -> str:
+        """A bounded metrics label: the model's name if it is loaded, else 'unknown'."""
+        return self.registry.known_model_label(name)
 
     def loaded(self, name: str, version: int | None = None) -> list[ServedModel]:
         """The loaded (registered) versions of a model, or the one named; 404 when there is none."""

@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe v2 / Triton HTTP) on the wire, and IGCV2 classifiers on it.
 
-Two halves, both free of HTTP (the route hands in body bytes and the value of the
-``Inference-Header-Content-Length`` header, and gets bytes and a header length back):
+Two halves, both free of any wire (the HTTP route hands in body bytes and the value of the
+``Inference-Header-Content-Length`` header, and gets bytes and a header length back; the gRPC servicer,
+service/grpc, builds the same requests from protobuf messages with the checks here):
 
 * tensors: JSON and binary-extension requests and responses, datatypes, shapes, the
   length-prefixed ``BYTES`` encoding; every malformed request raises :class:`BadInput` (400): its
@@ -18,15 +19,18 @@ import binascii
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from igcv2.names import VERSION_TEXT
 from igcv2.store import ArtifactConfig, InputSpec
 from service.config import MAX_REQUEST_TIMEOUT_S
-from service.errors import BadInput, TooLarge
+from service.errors import BadInput, NotFound, TooLarge
 
 if TYPE_CHECKING:
     from service.catalog import ServedModel
@@ -45,11 +49,21 @@ IMAGE, NORMALIZED, ENCODED = "image", "normalized", "encoded"
 PROBABILITIES, LOGITS = "probabilities", "logits"
 OUTPUTS = (PROBABILITIES, LOGITS)
 PLATFORM = BACKEND = "pytorch"
+SERVER_NAME = "igcv2"
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
 
 
 # ----------------------------------------------------------------------------------------------
 # Tensors on the wire
 # ----------------------------------------------------------------------------------------------
+
+
+class Encoding(Enum):
+    """How a tensor's values travel."""
+
+    JSON = "json"  # a JSON "data" array, flat or nested (BYTES elements: strings)
+    BINARY = "binary"  # little-endian bytes, BYTES elements length-prefixed: HTTP's binary data, gRPC's raw contents
+    VALUES = "values"  # a flat sequence of numbers, or of bytes for BYTES: gRPC's typed contents
 
 
 @dataclass
@@ -63,16 +77,18 @@ class Tensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    payload: Any = field(repr=False)  # the JSON "data" value, or this tensor's slice of the binary data
-    binary: bool = False  # sent through the binary data extension (else as JSON "data")
+    payload: Any = field(repr=False)  # as ``encoding`` says: the JSON "data" value, bytes, or a sequence of values
+    encoding: Encoding = Encoding.JSON
     parameters: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
     def data(self) -> np.ndarray:
         """The values, of ``shape`` (an object array of ``bytes`` for BYTES); 400 when they do not fit it."""
         where = f"input {self.name!r}"
-        if self.binary:
+        if self.encoding is Encoding.BINARY:
             return _from_binary(bytes(self.payload), self.datatype, self.shape, where)
+        if self.encoding is Encoding.VALUES:
+            return _from_values(self.payload, self.datatype, self.shape, where)
         return _from_json(self.payload, self.datatype, self.shape, where)
 
 
@@ -161,9 +177,7 @@ def parse_request(
             f"{len(binary)} bytes of binary data follow the JSON header but the inputs' "
             f"binary_data_size add up to {offset}"
         )
-    names = [t.name for t in inputs]
-    if len(set(names)) != len(names):
-        raise BadInput(f"input names must be unique, got {names}")
+    check_unique("input", [t.name for t in inputs])
     parameters = _object(header.get("parameters") or {}, "'parameters'")
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -173,9 +187,14 @@ def parse_request(
         outputs=_parse_outputs(header.get("outputs")),
         id=request_id,
         binary_output=_flag(parameters, "binary_data_output", "request parameter"),
-        timeout_s=_timeout(parameters.get("timeout")),
+        timeout_s=request_timeout(parameters.get("timeout")),
         parameters=parameters,
     )
+
+
+def check_unique(kind: str, names: list[str]) -> None:
+    if len(set(names)) != len(names):
+        raise BadInput(f"{kind} names must be unique, got {names}")
 
 
 def _flag(parameters: dict[str, Any], key: str, what: str) -> bool:
@@ -185,7 +204,7 @@ def _flag(parameters: dict[str, Any], key: str, what: str) -> bool:
     return value
 
 
-def _timeout(value: Any) -> float | None:
+def request_timeout(value: Any) -> float | None:
     """Triton's per-request timeout, in microseconds; 0 or absent: the server's default."""
     if value is None or value == 0:
         return None
@@ -204,27 +223,44 @@ def _parse_shape(raw: Any, where: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
-def _parse_input(
-    raw: dict[str, Any], index: int, binary: memoryview, max_bytes_elements: int | None
-) -> tuple[Tensor, int]:
-    """One input tensor, and how many bytes of the binary section it took."""
-    name = raw.get("name")
+def input_header(
+    index: int, name: Any, datatype: Any, shape: Any, parameters: dict[str, Any], max_bytes_elements: int | None
+) -> tuple[str, tuple[int, ...]]:
+    """An input tensor's header as either wire carries it, checked: its name and shape. 400, or 413 for a
+    BYTES tensor of more elements than ``max_bytes_elements``, before any value is read."""
     if not isinstance(name, str) or not name:
         raise BadInput(f"inputs[{index}] needs a 'name' string")
     where = f"input {name!r}"
-    datatype = raw.get("datatype")
     if datatype not in DATATYPES:
         raise BadInput(f"{where}: unsupported datatype {datatype!r}; supported: {', '.join(DATATYPES)}")
-    shape = _parse_shape(raw.get("shape"), where)
+    shape = _parse_shape(shape, where)
     count = math.prod(shape)
     if datatype == "BYTES" and max_bytes_elements is not None and count > max_bytes_elements:
         raise TooLarge(
             f"{where}: {count} BYTES elements; the limit is {max_bytes_elements} (one image each, "
             "IGCV2_MAX_IMAGES_PER_REQUEST)"
         )
-    parameters = _object(raw.get("parameters") or {}, f"{where} 'parameters'")
     if "shared_memory_region" in parameters:
         raise BadInput(f"{where}: the shared-memory extension is not supported; send the data in the request")
+    return name, shape
+
+
+def check_binary_size(name: str, datatype: str, shape: tuple[int, ...], size: int, what: str) -> None:
+    """400 unless ``size`` bytes of ``what`` hold ``shape`` of ``datatype`` (BYTES: checked when read)."""
+    dtype = DATATYPES[datatype]
+    needed = math.prod(shape) * dtype.itemsize if dtype is not None else size
+    if size != needed:
+        raise BadInput(f"input {name!r}: {size} bytes of {what}, shape {list(shape)} of {datatype} needs {needed}")
+
+
+def _parse_input(
+    raw: dict[str, Any], index: int, binary: memoryview, max_bytes_elements: int | None
+) -> tuple[Tensor, int]:
+    """One input tensor, and how many bytes of the binary section it took."""
+    parameters = _object(raw.get("parameters") or {}, f"inputs[{index}] 'parameters'")
+    datatype = raw.get("datatype")
+    name, shape = input_header(index, raw.get("name"), datatype, raw.get("shape"), parameters, max_bytes_elements)
+    where = f"input {name!r}"
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -233,16 +269,11 @@ def _parse_input(
             raise BadInput(f"{where}: has both 'data' and binary_data_size; send one")
         if size > len(binary):
             raise BadInput(f"{where}: binary_data_size {size} but only {len(binary)} bytes of binary data remain")
-        dtype = DATATYPES[datatype]
-        if dtype is not None and size != count * dtype.itemsize:
-            raise BadInput(
-                f"{where}: {size} bytes of binary data, shape {list(shape)} of {datatype} needs "
-                f"{count * dtype.itemsize}"
-            )
-        return Tensor(name, datatype, shape, binary[:size], True, parameters), size
+        check_binary_size(name, datatype, shape, size, "binary data")
+        return Tensor(name, datatype, shape, binary[:size], Encoding.BINARY, parameters), size
     if "data" not in raw:
         raise BadInput(f"{where}: no 'data' and no binary_data_size parameter")
-    return Tensor(name, datatype, shape, raw["data"], False, parameters), 0
+    return Tensor(name, datatype, shape, raw["data"], Encoding.JSON, parameters), 0
 
 
 def _from_binary(raw: bytes, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -304,6 +335,23 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> 
         raise BadInput(f"{where}: a value is out of range for {datatype}: {exc}") from exc
 
 
+def _from_values(values: Sequence[Any], datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A tensor's typed values (a flat sequence, as gRPC's typed contents carry them in a wider type:
+    UINT8 as uint32, for instance); the count first, then the range of the datatype."""
+    count = math.prod(shape)
+    if len(values) != count:
+        raise BadInput(f"{where}: {len(values)} values in its contents, shape {list(shape)} needs {count}")
+    dtype = DATATYPES[datatype]
+    if dtype is None:
+        return _object_array(list(values), shape)
+    wide = np.array(values)
+    if dtype.kind in "iu" and wide.size:
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise BadInput(f"{where}: a value is out of range for {datatype} ({info.min} to {info.max})")
+    return wide.astype(dtype, copy=False).reshape(shape)
+
+
 def _object_array(items: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
     array = np.empty(len(items), dtype=object)
     array[:] = items
@@ -345,23 +393,26 @@ def _parse_outputs(raw: Any) -> list[RequestedOutput] | None:
     outputs = []
     for index, item in enumerate(raw):
         item = _object(item, f"outputs[{index}]")
-        name = item.get("name")
-        if not isinstance(name, str) or not name:
-            raise BadInput(f"outputs[{index}] needs a 'name' string")
-        parameters = _object(item.get("parameters") or {}, f"output {name!r} 'parameters'")
-        if "shared_memory_region" in parameters:
-            raise BadInput(f"output {name!r}: the shared-memory extension is not supported")
-        k = parameters.get("classification", 0)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise BadInput(f"output {name!r}: 'classification' must be a non-negative integer, got {k!r}")
-        binary = parameters.get("binary_data")
-        if binary is not None and not isinstance(binary, bool):
-            raise BadInput(f"output {name!r}: 'binary_data' must be true or false, got {binary!r}")
-        outputs.append(RequestedOutput(name, binary, k))
-    names = [out.name for out in outputs]
-    if len(set(names)) != len(names):
-        raise BadInput(f"output names must be unique, got {names}")
+        parameters = _object(item.get("parameters") or {}, f"outputs[{index}] 'parameters'")
+        outputs.append(requested_output(index, item.get("name"), parameters))
+    check_unique("output", [out.name for out in outputs])
     return outputs
+
+
+def requested_output(index: int, name: Any, parameters: dict[str, Any]) -> RequestedOutput:
+    """A requested output as either wire carries it, checked: Triton's classification extension
+    (``classification``: top k) and HTTP's ``binary_data``."""
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"outputs[{index}] needs a 'name' string")
+    if "shared_memory_region" in parameters:
+        raise BadInput(f"output {name!r}: the shared-memory extension is not supported")
+    k = parameters.get("classification", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise BadInput(f"output {name!r}: 'classification' must be a non-negative integer, got {k!r}")
+    binary = parameters.get("binary_data")
+    if binary is not None and not isinstance(binary, bool):
+        raise BadInput(f"output {name!r}: 'binary_data' must be true or false, got {binary!r}")
+    return RequestedOutput(name, binary, k)
 
 
 def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
@@ -370,7 +421,7 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     for out in response.outputs:
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.data.shape)}
         if out.binary:
-            chunk = serialize_bytes(out.data) if out.datatype == "BYTES" else _little_endian(out).tobytes()
+            chunk = raw_bytes(out)
             entry["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         elif out.datatype == "BYTES":
@@ -388,10 +439,12 @@ def encode_response(response: InferResponse) -> tuple[bytes, int | None]:
     return b"".join([header, *chunks]), len(header)
 
 
-def _little_endian(out: OutputTensor) -> np.ndarray:
+def raw_bytes(out: OutputTensor) -> bytes:
+    """An output's values in the binary form: little-endian, BYTES elements length-prefixed."""
     dtype = DATATYPES[out.datatype]
-    assert dtype is not None  # BYTES is handled by the caller
-    return np.ascontiguousarray(out.data, dtype=dtype)
+    if dtype is None:
+        return serialize_bytes(out.data)
+    return np.ascontiguousarray(out.data, dtype=dtype).tobytes()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +512,7 @@ def image_arrays(tensor: Tensor) -> np.ndarray:
 def encoded_images(tensor: Tensor) -> list[bytes]:
     """The files of an ``encoded`` input; JSON cannot carry raw bytes, so there they are base64."""
     items = list(tensor.data.ravel())
-    if tensor.binary:
+    if tensor.encoding is not Encoding.JSON:
         return items
     try:
         return [base64.b64decode(item, validate=True) for item in items]
@@ -507,6 +560,29 @@ def make_outputs(
         else:
             outputs.append(OutputTensor(out.name, "FP32", data.astype(np.float32, copy=False), binary))
     return outputs
+
+
+def server_metadata(version: str) -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS}
+
+
+def refuse_load_parameters(names: list[str]) -> None:
+    """A repository load carries no parameters here (Triton's take a config or files): 400 for any."""
+    if names:
+        raise BadInput(
+            f"load parameters are not supported ({', '.join(sorted(names))}): "
+            "the model store's config.json is the configuration"
+        )
+
+
+def model_version(name: str, version: str | None) -> int | None:
+    """The version a request names (None or empty: none, the server picks); anything but a positive
+    integer names no version of the model (404)."""
+    if not version:
+        return None
+    if not VERSION_TEXT.fullmatch(version):
+        raise NotFound(f"model {name!r} has no version {version!r} (versions are positive integers)")
+    return int(version)
 
 
 def model_metadata(name: str, versions: list[int], config: ArtifactConfig) -> dict[str, Any]:

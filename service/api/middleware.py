@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import re
 import time
@@ -20,7 +19,7 @@ from urllib.parse import parse_qs
 from starlette.routing import Match
 
 from igcv2.names import VERSION_TEXT
-from service import metrics
+from service import auth, metrics
 from service.batching import DOOR, Reservation
 from service.catalog import Catalog
 from service.errors import BodyTimeout, ServiceError, TooLarge, Unavailable
@@ -161,12 +160,7 @@ class ApiKey:
             await self.app(scope, receive, send)
             return
         if not bearer_matches(scope, self.key) and not (self.admin_key and bearer_matches(scope, self.admin_key)):
-            await send_error(
-                send,
-                401,
-                "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                {"WWW-Authenticate": "Bearer"},
-            )
+            await send_error(send, 401, auth.API_KEY_MESSAGE, {"WWW-Authenticate": "Bearer"})
             return
         await self.app(scope, receive, send)
 
@@ -175,8 +169,7 @@ def bearer_matches(scope: Scope, key: bytes) -> bool:
     """Constant-time comparison of the request's bearer token with ``key``."""
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+            return auth.bearer_matches(value, key)
     return False
 
 

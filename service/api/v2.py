@@ -7,7 +7,6 @@ leave as ``{"error": "..."}``, as the protocol and every other route of the serv
 
 from __future__ import annotations
 
-import hmac
 import json
 import zlib
 from typing import Annotated, Any
@@ -15,17 +14,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
-from igcv2.names import VERSION_TEXT
 from service import oip
 from service.api.schemas import ERROR_RESPONSES, RequestTimeout
-from service.catalog import Catalog, State
+from service.auth import check_admin
 from service.client import client_of
 from service.engine import Engine
-from service.errors import BadInput, Forbidden, NotFound, TooLarge, Unauthorized, Unavailable, UnsupportedMediaType
+from service.errors import BadInput, TooLarge, Unavailable, UnsupportedMediaType
 
 router = APIRouter(tags=["v2 (Open Inference Protocol)"], responses=ERROR_RESPONSES)
-SERVER_NAME = "igcv2"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "model_repository", "statistics"]
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing API key, or missing admin key when IGCV2_ADMIN_KEY is set"},
     403: {"description": "Wrong admin key"},
@@ -78,14 +74,9 @@ def path_parameters(*names: str) -> dict[str, Any]:
 
 
 def version_number(request: Request, name: str) -> int | None:
-    """The ``/versions/{version}`` path segment, if the route has one; anything but a positive
-    integer names no version (404). Read from the path, so it is never a query parameter."""
-    version = request.path_params.get("version")
-    if version is None:
-        return None
-    if not VERSION_TEXT.fullmatch(version):
-        raise NotFound(f"model {name!r} has no version {version!r} (versions are positive integers)")
-    return int(version)
+    """The ``/versions/{version}`` path segment, if the route has one. Read from the path, so it is never
+    a query parameter."""
+    return oip.model_version(name, request.path_params.get("version"))
 
 
 def engine_of(request: Request) -> Engine:
@@ -95,16 +86,7 @@ def engine_of(request: Request) -> Engine:
 def require_admin(request: Request) -> None:
     """Load/unload need ``Authorization: Bearer <admin key>`` when IGCV2_ADMIN_KEY is set."""
     key = request.app.state.settings.admin_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized(
-            "the model repository needs the admin key: send 'Authorization: Bearer <admin key>'",
-            {"WWW-Authenticate": "Bearer"},
-        )
-    if not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
-        raise Forbidden("wrong admin key for the model repository")
+    check_admin(request.headers.get("authorization", ""), key.get_secret_value() if key else None)
 
 
 async def read_body(request: Request) -> bytes:
@@ -150,7 +132,7 @@ async def json_parameters(request: Request) -> dict[str, Any]:
 
 @router.get("/v2")
 async def server_metadata(request: Request) -> dict:
-    return {"name": SERVER_NAME, "version": request.app.version, "extensions": EXTENSIONS}
+    return oip.server_metadata(request.app.version)
 
 
 @router.api_route("/v2/health/live", methods=["GET", "HEAD"])
@@ -161,11 +143,9 @@ async def server_live() -> dict:
 @router.api_route("/v2/health/ready", methods=["GET", "HEAD"])
 async def server_ready(request: Request) -> dict:
     """200 once every configured model is loaded and warmed up; 503 (with the reason) before, and while draining."""
-    registry: Catalog = request.app.state.registry
     if request.app.state.draining:
         raise Unavailable("server is shutting down", 1)
-    if not registry.is_ready():
-        raise Unavailable(f"not ready: {', '.join(registry.not_ready()) or 'models not loaded yet'}", 5)
+    engine_of(request).check_ready()
     return {"ready": True}
 
 
@@ -177,37 +157,30 @@ async def server_ready(request: Request) -> dict:
 @router.get("/v2/models/{name}/versions/{version}/stats", openapi_extra=path_parameters("name", "version"))
 async def model_statistics(request: Request) -> dict:
     """Triton's statistics extension: request counts, queue and compute time (ns) per version."""
-    engine, name = engine_of(request), request.path_params.get("name")
-    models = engine.loaded(name, version_number(request, name)) if name else engine.registry.all()
-    return {"model_stats": await engine.registry.statistics(models)}
+    name = request.path_params.get("name")
+    return {
+        "model_stats": await engine_of(request).model_statistics(name, version_number(request, name) if name else None)
+    }
 
 
 @router.get("/v2/models/{name}")
 @router.get("/v2/models/{name}/versions/{version}", openapi_extra=path_parameters("version"))
 async def model_metadata(request: Request, name: str) -> dict:
-    engine, version = engine_of(request), version_number(request, name)
-    served = engine.registry.resolve(name, version)
-    config = served.ready_config
-    versions = [served.version] if version else [m.version for m in engine.loaded(name) if m.state is State.READY]
-    return oip.model_metadata(served.name, versions, config)
+    return engine_of(request).model_metadata(name, version_number(request, name))
 
 
 @router.get("/v2/models/{name}/ready")
 @router.get("/v2/models/{name}/versions/{version}/ready", openapi_extra=path_parameters("version"))
 async def model_ready(request: Request, name: str) -> dict:
     """200 when the version (default: the newest ready one) can serve; 404 unknown, 503 not ready."""
-    served = engine_of(request).registry.resolve(name, version_number(request, name))
-    if served.state is not State.READY:
-        raise Unavailable(served.not_ready_message(), 5)
-    return {"name": served.name, "version": str(served.version), "ready": True}
+    return engine_of(request).model_ready(name, version_number(request, name))
 
 
 @router.get("/v2/models/{name}/config")
 @router.get("/v2/models/{name}/versions/{version}/config", openapi_extra=path_parameters("version"))
 async def model_config(request: Request, name: str) -> dict:
     """Triton's model configuration extension (max_batch_size, inputs, outputs, dynamic_batching)."""
-    served = engine_of(request).registry.resolve(name, version_number(request, name))
-    return oip.model_config(served)
+    return engine_of(request).model_config(name, version_number(request, name))
 
 
 @router.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY)
@@ -255,11 +228,7 @@ async def load_model(request: Request, name: str) -> dict:
     parameters = (await json_parameters(request)).get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadInput("'parameters' must be a JSON object")
-    if parameters:
-        raise BadInput(
-            f"load parameters are not supported ({', '.join(sorted(parameters))}): "
-            "the model store's config.json is the configuration"
-        )
+    oip.refuse_load_parameters(list(parameters))
     served = await engine_of(request).load_model(name)
     return {"name": served.name, "version": str(served.version), "state": "READY"}
 

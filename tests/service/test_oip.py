@@ -39,7 +39,7 @@ def test_json_request_flat_and_nested_data_give_the_same_tensor() -> None:
     nested = oip.parse_request(request_body([{**uint8_input(), "data": nested_data}]))
     assert flat.id == "req-7" and nested.id is None
     (a,), (b,) = flat.inputs, nested.inputs
-    assert a.shape == (2, 4, 3, 1) and a.data.dtype == np.uint8 and not a.binary
+    assert a.shape == (2, 4, 3, 1) and a.data.dtype == np.uint8 and a.encoding is oip.Encoding.JSON
     np.testing.assert_array_equal(a.data, np.arange(24).reshape(2, 4, 3, 1))
     np.testing.assert_array_equal(a.data, b.data)
 
@@ -80,7 +80,7 @@ def test_binary_request_made_by_tritonclient_is_parsed() -> None:
     body, header_length = triton.InferenceServerClient.generate_request_body(inputs, outputs, request_id="abc")
     parsed = oip.parse_request(body, str(header_length))
     assert parsed.id == "abc" and [t.name for t in parsed.inputs] == ["image", "encoded", "normalized"]
-    assert [t.binary for t in parsed.inputs] == [True, True, False]
+    assert [t.encoding for t in parsed.inputs] == [oip.Encoding.BINARY, oip.Encoding.BINARY, oip.Encoding.JSON]
     np.testing.assert_array_equal(parsed.inputs[0].data, images)
     assert list(parsed.inputs[1].data) == list(files)
     np.testing.assert_array_equal(parsed.inputs[2].data, normalized)
