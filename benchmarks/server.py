@@ -127,11 +127,14 @@ class Service:
         self.label = label
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         self.env = {
             **os.environ,
             "IGCV2_HOST": "127.0.0.1",
             "IGCV2_PORT": str(self.port),
+            "IGCV2_GRPC_PORT": str(self.grpc_port),
             "IGCV2_MODEL_STORE": str(store),
             "IGCV2_MODELS": model,
             "IGCV2_DEFAULT_MODEL": model,

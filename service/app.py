@@ -23,6 +23,7 @@ from service.config import Settings
 from service.engine import Engine
 from service.errors import ServiceError
 from service.executor.remote import RemoteCatalog
+from service.grpc import server as grpc_api
 from service.workers import Worker, merged_with, metrics_registry
 
 log = logging.getLogger("igcv2.app")
@@ -58,6 +59,11 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         # the backlog). One process alone is live at once and ready once its models are.
         while worker and not registry.started and not app.state.draining:
             await asyncio.sleep(0.05)
+        grpc_server = (
+            await grpc_api.start(engine, settings, app.version, lambda: app.state.draining)
+            if settings.grpc_port
+            else None
+        )
         if worker and not app.state.draining:
             worker.announce_ready()
         forced = True  # left by a cancellation (a forced exit) or an error in-process: stop now, drain nothing
@@ -67,6 +73,8 @@ def create_app(settings: Settings | None = None, worker: Worker | None = None) -
         finally:
             app.state.draining = True
             log.info("shutting down: %s", "answering queued work 503" if forced else "finishing queued work")
+            if grpc_server is not None:  # its RPCs in flight are answered first: their queues still run
+                await grpc_server.stop(0 if forced else settings.shutdown_timeout_s)
             await registry.close(timeout=0 if forced else None)
             engine.close()
             log.info("shutdown complete")

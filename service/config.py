@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, create_model, field_validator
+from pydantic import Field, SecretStr, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from igcv2.names import MODEL_NAME, VERSION_TEXT
@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     # Server
     host: str = Field("127.0.0.1", description="Address to listen on (the container uses 0.0.0.0).")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the Open Inference Protocol over gRPC (Triton's 8001), served beside HTTP by every "
+        "server process; 0 turns it off.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     workers: int = Field(
         1,
@@ -140,6 +147,12 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long to finish queued work before exiting."
     )
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Settings:
+        if self.grpc_port == self.port:
+            raise ValueError(f"IGCV2_GRPC_PORT and IGCV2_PORT are both {self.port}: give gRPC its own port, or 0")
+        return self
 
     @field_validator("api_key", "admin_key")
     @classmethod

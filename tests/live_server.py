@@ -30,6 +30,7 @@ class LiveServer:
     url: str
     process: subprocess.Popen
     log_path: Path
+    grpc_target: str  # host:port of its gRPC server ("127.0.0.1:0" when IGCV2_GRPC_PORT=0 turned it off)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -52,13 +53,14 @@ class LiveServer:
 def live_server(
     tmp_path: Path, env: dict[str, str] | None = None, ready: bool | None = True, timeout: float = 300.0
 ) -> Iterator[LiveServer]:
-    """Run the service until the block ends. ``ready``: wait for /health/ready (False: /health/live;
-    None: wait for nothing)."""
+    """Run the service until the block ends, HTTP and gRPC each on a free port. ``ready``: wait for
+    /health/ready (False: /health/live; None: wait for nothing)."""
     port = free_port()
     full_env = {
         **os.environ,
         "IGCV2_HOST": "127.0.0.1",
         "IGCV2_PORT": str(port),
+        "IGCV2_GRPC_PORT": str(free_port()),
         "IGCV2_MODEL_STORE": str(MODEL_STORE),
         "IGCV2_LOG_LEVEL": "info",
         "TORCHINDUCTOR_CACHE_DIR": str(ROOT / ".inductor-cache"),
@@ -70,7 +72,7 @@ def live_server(
         process = subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
-    server = LiveServer(f"http://127.0.0.1:{port}", process, log_path)
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log_path, f"127.0.0.1:{full_env['IGCV2_GRPC_PORT']}")
     try:
         if ready is not None:
             _wait(server, "/health/ready" if ready else "/health/live", timeout)

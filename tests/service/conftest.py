@@ -25,6 +25,7 @@ def clean_env() -> Iterator[None]:
         for name in list(os.environ):
             if name.startswith("IGCV2_"):
                 patch.delenv(name)
+        patch.setenv("IGCV2_GRPC_PORT", "0")  # an app under test serves no gRPC on Triton's port unless asked
         yield
 
 

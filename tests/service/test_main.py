@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def service_env(env: dict[str, str]) -> dict[str, str]:
-    """This process's environment without the developer's IGCV2_* settings, plus ``env``."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("IGCV2_")}, **env}
+    """This process's environment without the developer's IGCV2_* settings, no gRPC (Triton's port is not
+    ours to take), plus ``env``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("IGCV2_")}, "IGCV2_GRPC_PORT": "0", **env}
 
 
 def run_service(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

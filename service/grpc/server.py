@@ -1,0 +1,186 @@
+"""The grpc.aio server beside uvicorn, on the same event loop: every RPC passes one gate that does what
+HTTP's layers do (service/api/middleware.py): draining, keys, requests in progress, the request counter and
+latency histogram, and the service's errors as gRPC status codes.
+
+With ``IGCV2_WORKERS`` > 1 every worker serves gRPC on the same port through SO_REUSEPORT (the kernel
+spreads connections over the workers; a gRPC channel is one connection, so it stays with one worker), and
+starts listening, like its HTTP, only once its models are warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from service import auth, metrics
+from service.client import Client
+from service.config import Settings
+from service.engine import Engine
+from service.errors import (
+    BadInput,
+    BodyTimeout,
+    ClientLeft,
+    Conflict,
+    DeadlineExceeded,
+    Forbidden,
+    InvalidParameter,
+    NotFound,
+    ServiceError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from service.grpc import schema
+from service.grpc.servicer import HEALTH, Access, Call, InferenceServicer, Rpc
+
+log = logging.getLogger("igcv2.grpc")
+
+# The service's errors as gRPC status codes (their HTTP statuses: service/errors.py). Queue full, not ready
+# and shutting down are UNAVAILABLE, as Triton answers a full queue; too large is INVALID_ARGUMENT (the same
+# request never fits: retrying cannot help), though gRPC itself answers a message over the size limit
+# RESOURCE_EXHAUSTED before the service sees it.
+STATUS: dict[type[ServiceError], grpc.StatusCode] = {
+    BadInput: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidParameter: grpc.StatusCode.INVALID_ARGUMENT,
+    UnsupportedMediaType: grpc.StatusCode.INVALID_ARGUMENT,
+    TooLarge: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Conflict: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ClientLeft: grpc.StatusCode.CANCELLED,
+    BodyTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,  # HTTP's stalled body; a gRPC message arrives whole
+}
+MAX_CONCURRENT_STREAMS = 256  # RPCs in flight on one connection; a client's further RPCs wait their turn
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    return next((code for kind, code in STATUS.items() if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+
+
+class Gate:
+    """Runs each RPC as HTTP's layers run a request; see the module's docstring."""
+
+    def __init__(self, engine: Engine, settings: Settings, is_draining: Callable[[], bool]) -> None:
+        self.engine = engine
+        self.is_draining = is_draining
+        self.api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+        self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        self.children: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # bounded like the labels
+
+    def handler(self, rpc: Rpc) -> grpc.RpcMethodHandler:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await self.call(rpc, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=rpc.request.FromString, response_serializer=rpc.response.SerializeToString
+        )
+
+    async def call(self, rpc: Rpc, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The RPC's answer, or its error as a status. A cancelled RPC's client leaves, so its queued images
+        are withdrawn; one past its deadline lets the batcher drop them (the same deadline)."""
+        started = time.perf_counter()
+        counted = rpc.access is not Access.OPEN
+        if counted:
+            metrics.IN_PROGRESS.inc()
+        code = grpc.StatusCode.INTERNAL
+        try:
+            self.admit(rpc, context)
+            call = Call(Client(), context.time_remaining())
+            work = asyncio.ensure_future(rpc.run(request, call))
+            try:  # shielded: a cancellation reaches the work through its client, as on HTTP
+                response = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                expired = (context.time_remaining() or 1.0) <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                if not expired:
+                    call.client.leave()
+                work.add_done_callback(lambda done: done.cancelled() or done.exception())  # no "never retrieved"
+                raise
+            code = grpc.StatusCode.OK
+            return response
+        except ServiceError as error:
+            code = status_of(error)
+            await context.abort(code, error.message, self.trailer(error))
+        except Exception as error:
+            log.exception("unhandled error in %s", rpc.path)
+            await context.abort(code, f"internal error: {type(error).__name__}")
+        finally:
+            if counted:
+                metrics.IN_PROGRESS.dec()
+            self.observe(rpc, request, code, time.perf_counter() - started)
+
+    def admit(self, rpc: Rpc, context: grpc.aio.ServicerContext) -> None:
+        """503 while draining and 401/403 on keys, as HTTP's Draining and ApiKey layers and require_admin."""
+        if rpc.access is Access.OPEN:
+            return
+        if self.is_draining():
+            raise Unavailable("server is shutting down; retry on another replica", 1)
+        authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
+        if isinstance(authorization, bytes):  # only "-bin" keys carry bytes; be lenient all the same
+            authorization = authorization.decode("latin-1")
+        token = authorization.encode()
+        keys = [key for key in (self.api_key, self.admin_key and self.admin_key.encode()) if key]
+        if self.api_key and not any(auth.bearer_matches(token, key) for key in keys):
+            raise Unauthorized(auth.API_KEY_MESSAGE)
+        if rpc.access is Access.ADMIN:
+            auth.check_admin(authorization, self.admin_key)
+
+    @staticmethod
+    def trailer(error: ServiceError) -> tuple[tuple[str, str], ...]:
+        """Retry-After as gRPC's retry pushback, which a client's retry policy honours."""
+        retry_after = error.headers.get("Retry-After")
+        return (("grpc-retry-pushback-ms", str(int(retry_after) * 1000)),) if retry_after else ()
+
+    def observe(self, rpc: Rpc, request: Any, code: grpc.StatusCode, seconds: float) -> None:
+        name = getattr(request, rpc.model_field) if rpc.model_field else ""
+        key = (rpc.path, self.engine.model_label(name) if name else "", code.name)
+        if (children := self.children.get(key)) is None:
+            labels = dict(zip(("endpoint", "model", "code"), key, strict=True))
+            children = self.children[key] = (
+                metrics.REQUESTS.labels(**labels),
+                metrics.REQUEST_DURATION.labels(**labels),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+async def start(engine: Engine, settings: Settings, version: str, is_draining: Callable[[], bool]) -> grpc.aio.Server:
+    """Listen on IGCV2_GRPC_PORT on this process's event loop; raises if the port cannot be bound."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+            # Several workers share the port; one process alone must own it (a second server fails to bind).
+            ("grpc.so_reuseport", int(settings.workers > 1)),
+        ]
+    )
+    gate = Gate(engine, settings, is_draining)
+    services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for rpc in InferenceServicer(engine, settings, version, is_draining).rpcs():
+        services.setdefault(rpc.service, {})[rpc.method] = gate.handler(rpc)
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(name, handlers) for name, handlers in services.items()]
+    )
+    reflection.enable_server_reflection(
+        [schema.SERVICE.full_name, HEALTH, reflection.SERVICE_NAME], server, schema.POOL
+    )
+    address = (
+        f"[{settings.host}]:{settings.grpc_port}" if ":" in settings.host else f"{settings.host}:{settings.grpc_port}"
+    )
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot serve gRPC on {address}: {exc}") from exc
+    await server.start()
+    log.info("gRPC (Open Inference Protocol) on %s", address)
+    return server
