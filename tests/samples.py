@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from functools import cache
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import numpy as np
 from live_server import MODEL_STORE
 from PIL import Image
 
-from igcv2.artifact import save_artifact, versions
+from igcv2.artifact import read_config, save_artifact, versions
 from igcv2.data import FASHION_MNIST_LABELS, load_dataset
 from igcv2.networks import build
 
 DEFAULT_MODEL = "igcv2-fashion"
+SPARE = "igcv2-spare"  # in v2_store(), not loaded at start: the repository tests load and unload it
 
 
 @cache
@@ -51,6 +53,25 @@ def default_model_store(tmp_path: Path) -> Path:
         architecture={"builder": "igcv2_fashion", "kwargs": {}},
         labels=FASHION_MNIST_LABELS,
         input_spec={"height": 28, "width": 28, "channels": 1, "mean": [0.286], "std": [0.353]},
+        untrained=True,
+    )
+    return store
+
+
+def v2_store(tmp_path: Path) -> Path:
+    """The default model (its newest version, copied) and an untrained spare of the same shape."""
+    source = default_model_store(tmp_path / "source")
+    latest = versions(source / DEFAULT_MODEL)[-1]
+    store = tmp_path / "store"
+    shutil.copytree(source / DEFAULT_MODEL / str(latest), store / DEFAULT_MODEL / str(latest))
+    config = read_config(store / DEFAULT_MODEL / str(latest))
+    save_artifact(
+        build("igcv2_fashion"),
+        store / SPARE,
+        name=SPARE,
+        architecture={"builder": "igcv2_fashion"},
+        labels=config.labels,
+        input_spec=config.input.model_dump(),
         untrained=True,
     )
     return store

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from service import auth, metrics
@@ -78,14 +79,15 @@ class Gate:
         self.children: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # bounded like the labels
 
     def handler(self, rpc: Rpc) -> grpc.RpcMethodHandler:
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await self.call(rpc, request, context)
+        """The RPC's handler; it gets the message's bytes, so that a message that does not parse is answered
+        INVALID_ARGUMENT, and counted, like any bad input (gRPC's own deserializing answers INTERNAL)."""
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary, request_deserializer=rpc.request.FromString, response_serializer=rpc.response.SerializeToString
-        )
+        async def unary(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+            return await self.call(rpc, data, context)
 
-    async def call(self, rpc: Rpc, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return grpc.unary_unary_rpc_method_handler(unary, response_serializer=rpc.response.SerializeToString)
+
+    async def call(self, rpc: Rpc, data: bytes, context: grpc.aio.ServicerContext) -> Any:
         """The RPC's answer, or its error as a status. A cancelled RPC's client leaves, so its queued images
         are withdrawn; one past its deadline lets the batcher drop them (the same deadline)."""
         started = time.perf_counter()
@@ -93,8 +95,10 @@ class Gate:
         if counted:
             metrics.IN_PROGRESS.inc()
         code = grpc.StatusCode.INTERNAL
+        request = None
         try:
             self.admit(rpc, context)
+            request = parse(rpc, data)
             call = Call(Client(), context.time_remaining())
             work = asyncio.ensure_future(rpc.run(request, call))
             try:  # shielded: a cancellation reaches the work through its client, as on HTTP
@@ -142,7 +146,7 @@ class Gate:
         return (("grpc-retry-pushback-ms", str(int(retry_after) * 1000)),) if retry_after else ()
 
     def observe(self, rpc: Rpc, request: Any, code: grpc.StatusCode, seconds: float) -> None:
-        name = getattr(request, rpc.model_field) if rpc.model_field else ""
+        name = getattr(request, rpc.model_field) if rpc.model_field and request is not None else ""
         key = (rpc.path, self.engine.model_label(name) if name else "", code.name)
         if (children := self.children.get(key)) is None:
             labels = dict(zip(("endpoint", "model", "code"), key, strict=True))
@@ -152,6 +156,15 @@ class Gate:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+
+def parse(rpc: Rpc, data: bytes) -> Any:
+    try:
+        return rpc.request.FromString(data)
+    except DecodeError as exc:
+        raise BadInput(
+            f"{rpc.method}: the request is not a valid {rpc.request.DESCRIPTOR.name} message ({exc})"
+        ) from None
 
 
 async def start(engine: Engine, settings: Settings, version: str, is_draining: Callable[[], bool]) -> grpc.aio.Server:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,34 +17,11 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from live_server import LiveServer, live_server
-from samples import DEFAULT_MODEL, default_model_store, fashion_pngs, fashion_test_images, multipart
+from samples import DEFAULT_MODEL, SPARE, fashion_pngs, fashion_test_images, multipart, v2_store
 from tritonclient.utils import InferenceServerException
 
-from igcv2.artifact import read_config, save_artifact, versions
-from igcv2.networks import build
-
-SPARE = "igcv2-spare"  # in the store, not loaded at start: the repository tests load and unload it
 ADMIN_KEY = "v2-admin-secret"
 N = 12
-
-
-def v2_store(tmp_path: Path) -> Path:
-    """The default model (its newest version, copied) and an untrained spare of the same shape."""
-    source = default_model_store(tmp_path / "source")
-    latest = versions(source / DEFAULT_MODEL)[-1]
-    store = tmp_path / "store"
-    shutil.copytree(source / DEFAULT_MODEL / str(latest), store / DEFAULT_MODEL / str(latest))
-    config = read_config(store / DEFAULT_MODEL / str(latest))
-    save_artifact(
-        build("igcv2_fashion"),
-        store / SPARE,
-        name=SPARE,
-        architecture={"builder": "igcv2_fashion"},
-        labels=config.labels,
-        input_spec=config.input.model_dump(),
-        untrained=True,
-    )
-    return store
 
 
 @pytest.fixture(scope="module")
