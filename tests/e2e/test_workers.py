@@ -8,20 +8,23 @@ load with two workers: test_reliability_shutdown.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as triton
 from e2e.reliability import error_message, fast_env, samples
 from live_server import LiveServer, live_server
 from samples import DEFAULT_MODEL, default_model_store, fashion_pngs, fashion_test_images, multipart
@@ -151,6 +154,49 @@ def test_answers_for_1000_test_images_equal_the_offline_models(tmp_path: Path) -
         scores = {p["class_id"]: p["score"] for p in result["predictions"]}
         assert result["predictions"][0]["class_id"] == int(expected[i].argmax()), i
         np.testing.assert_allclose([scores[c] for c in range(10)], expected[i], atol=1e-5, err_msg=str(i))
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a socket listening on TCP ``port`` (IPv4 or IPv6), from /proc."""
+    sockets = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if (target := os.readlink(fd)).startswith("socket:["):
+                sockets.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A" and fields[9] in sockets:
+                return True
+    return False
+
+
+def test_every_front_end_serves_grpc_on_one_port(tmp_path: Path) -> None:
+    """Each front-end listens on the gRPC port too (SO_REUSEPORT), once connected to the executor; RPCs on new
+    connections are answered, model control included."""
+    images, _ = fashion_test_images(1)
+    with live_server(tmp_path, fast_env(default_model_store(tmp_path), workers="2")) as server:
+        _, frontends = roles(server)
+        wait_for(server, "igcv2.grpc: gRPC", 2)
+        port = int(server.grpc_target.rsplit(":", 1)[1])
+        assert all(listening(pid, port) for pid in frontends), "every front-end listens on the gRPC port"
+
+        def on_a_new_connection(call: Callable[[triton.InferenceServerClient], Any]) -> Any:
+            with triton.InferenceServerClient(server.grpc_target) as client:
+                return call(client)
+
+        tensor = triton.InferInput("image", list(images.shape), "UINT8")
+        tensor.set_data_from_numpy(images)
+        for _ in range(REQUESTS):
+            on_a_new_connection(lambda client: client.infer(DEFAULT_MODEL, [tensor]))
+        stats = on_a_new_connection(lambda client: client.get_inference_statistics(DEFAULT_MODEL))
+        assert stats.model_stats[0].inference_stats.success.count == REQUESTS  # the executor's one view
+        on_a_new_connection(lambda client: client.unload_model(DEFAULT_MODEL))
+        assert not on_a_new_connection(lambda client: client.is_model_ready(DEFAULT_MODEL))
+        on_a_new_connection(lambda client: client.load_model(DEFAULT_MODEL))
+        assert on_a_new_connection(lambda client: client.infer(DEFAULT_MODEL, [tensor])).as_numpy(
+            "probabilities"
+        ).shape == (1, 10)
 
 
 def test_a_killed_front_end_is_replaced_while_the_other_answers_every_request(tmp_path: Path) -> None:

@@ -26,6 +26,13 @@ def test_defaults() -> None:
     assert (s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size) == (32, 0.0, 256)
     assert s.api_key is None and s.admin_key is None
     assert (s.host, s.port) == ("127.0.0.1", 8000)
+    assert Settings.model_fields["grpc_port"].default == 8001  # Triton's (the tests' environment says 0: off)
+
+
+def test_grpc_needs_a_port_of_its_own() -> None:
+    with pytest.raises(ValidationError, match="IGCV2_GRPC_PORT and IGCV2_PORT are both 9000"):
+        Settings(_env_file=None, port=9000, grpc_port=9000)
+    assert Settings(_env_file=None, port=9000, grpc_port=0).grpc_port == 0
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -139,6 +139,18 @@ def test_a_taken_port_exits_at_once_while_the_model_still_compiles() -> None:
     assert time.monotonic() - started < 60
 
 
+def test_a_taken_grpc_port_exits_at_once(tmp_path: Path) -> None:
+    """One process alone owns its gRPC port (no SO_REUSEPORT without workers): a taken one is a startup failure."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_service([], {"IGCV2_PORT": str(free_port()), "IGCV2_GRPC_PORT": str(port)}, ROOT)
+    assert result.returncode == STARTUP_FAILURE, result.stderr[-2000:]
+    assert f"cannot serve gRPC on 127.0.0.1:{port}" in result.stderr
+    assert "terminate called" not in result.stderr
+
+
 def test_sigterm_during_warm_up_exits_0_without_waiting_for_the_compile() -> None:
     """A container stopped while it warms up (a rolling update) stops at once, with success."""
     process = subprocess.Popen(
