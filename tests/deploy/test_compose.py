@@ -26,6 +26,7 @@ from deploy.wiring import (
     container_env,
     env_names_in,
     gpu_devices,
+    grpc_port,
     health_path,
     metrics_path,
     parse_env_file,
@@ -105,7 +106,8 @@ def test_service_port_health_and_policies(variant):
         env = container_env(svc)
         assert env.get(env_name("port"), str(port)) == str(port), f"{name}: IGCV2_PORT is the service's port"
         assert env.get(env_name("host")) == "0.0.0.0", f"{name}: listens beyond loopback inside the container"
-        assert [p["target"] for p in svc["ports"]] == [port], f"{name}: publishes the service port"
+        assert env.get(env_name("grpc_port"), str(grpc_port())) == str(grpc_port()), f"{name}: gRPC on its port"
+        assert [p["target"] for p in svc["ports"]] == [port, grpc_port()], f"{name}: publishes HTTP and gRPC"
         check = " ".join(svc["healthcheck"]["test"])
         assert f"127.0.0.1:{port}{health_path('ready')}" in check, f"{name}: healthcheck on readiness"
         assert seconds(svc["healthcheck"]["start_period"]) >= 300, f"{name}: start period covers warm-up"
@@ -225,8 +227,8 @@ def test_multi_gpu_replicas_match_the_service_with_their_own_gpu_and_port():
         assert svc["image"] == base["image"]
         (device,) = gpu_devices(svc)
         devices.add(tuple(device.get("device_ids", [])) or ("count", device.get("count")))
-        host_ports.add(svc["ports"][0]["published"])
-    assert len(devices) == len(replicas) and len(host_ports) == len(replicas), "one GPU and one host port each"
+        host_ports.update(p["published"] for p in svc["ports"])
+    assert len(devices) == len(replicas) and len(host_ports) == 2 * len(replicas), "one GPU and two host ports each"
 
 
 # ----------------------------------------------------------------------------- .env.example

@@ -15,6 +15,7 @@ from deploy.wiring import (
     ROOT,
     check_settings,
     env_names_in,
+    grpc_port,
     health_path,
     run,
     service_port,
@@ -166,10 +167,11 @@ def test_env_settings_are_real_settings_with_valid_values():
     assert not unknown, f"the Dockerfile names {unknown}, which service.config.Settings does not have"
 
 
-def test_exposed_port_is_the_service_port():
-    port = service_port()
-    assert FINAL.all("EXPOSE") == [str(port)]
+def test_exposed_ports_are_the_service_ports():
+    port, grpc = service_port(), grpc_port()
+    assert FINAL.all("EXPOSE") == [f"{port} {grpc}"], "HTTP and gRPC"
     assert FINAL_ENV.get(env_name("port"), str(port)) == str(port)
+    assert FINAL_ENV.get(env_name("grpc_port"), str(grpc)) == str(grpc)
 
 
 def test_healthcheck_probes_the_readiness_route():

@@ -23,6 +23,7 @@ from deploy.wiring import (
     env_names_in,
     env_values,
     get_status,
+    grpc_port,
     health_path,
     kustomize,
     metrics_path,
@@ -125,7 +126,8 @@ def test_images_are_pinned(name):
 def test_probes_use_the_service_health_routes(overlay):
     container = server(pod_spec(f"overlays/{overlay}"))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": service_port()}, "one port, the service's"
+    assert ports == {"http": service_port(), "grpc": grpc_port()}, "the service's two ports"
+    assert env_values(container).get(env_name("grpc_port"), str(grpc_port())) == str(grpc_port())
     ready, live = health_path("ready"), health_path("live")
     expected = {"startupProbe": ready, "readinessProbe": ready, "livenessProbe": live}
     for probe, path in expected.items():
@@ -252,9 +254,11 @@ def test_service_reaches_the_pods(overlay):
     name = f"overlays/{overlay}"
     service = one(docs(name), "Service")
     assert selects(service["spec"]["selector"], pod_labels(name))
-    (port,) = service["spec"]["ports"]
-    assert port["port"] == service_port()
-    assert port["targetPort"] in {p["name"] for p in server(pod_spec(name))["ports"]}
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert {n: p["port"] for n, p in ports.items()} == {"http": service_port(), "grpc": grpc_port()}
+    container_ports = {p["name"] for p in server(pod_spec(name))["ports"]}
+    assert all(p["targetPort"] in container_ports for p in ports.values())
+    assert ports["grpc"]["appProtocol"] == "grpc", "an L7 proxy or mesh must know the port speaks gRPC"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -357,7 +361,10 @@ def test_kserve_runtime_container_is_the_service_image_and_wiring():
     assert container["name"] == "kserve-container"
     deployment_image = server(pod_spec("overlays/gpu"))["image"]
     assert container["image"] == deployment_image, "the same image as the Deployment"
+    # One port (Knative routes one per container): HTTP; gRPC is served too, routed by an InferenceService (h2c).
     assert [p["containerPort"] for p in container["ports"]] == [service_port()]
+    assert env_values(container)[env_name("grpc_port")] == str(grpc_port())
+    assert set(runtime["protocolVersions"]) == {"v2", "grpc-v2"}
     annotations = runtime.get("annotations", {})
     assert annotations.get("prometheus.kserve.io/port") == str(service_port())
     assert annotations.get("prometheus.kserve.io/path") == metrics_path()

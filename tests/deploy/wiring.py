@@ -57,6 +57,11 @@ def service_port() -> int:
     return default("port")
 
 
+def grpc_port() -> int:
+    """The Open Inference Protocol over gRPC's port (Triton's)."""
+    return default("grpc_port")
+
+
 def check_settings(values: dict[str, str], where: str) -> Settings:
     """Every IGCV2_* name is a setting and every value is one the service accepts."""
     known = setting_env_names()
