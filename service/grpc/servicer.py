@@ -125,7 +125,7 @@ class InferenceServicer:
     async def model_statistics(self, request: Any, call: Call) -> Message:
         """Every loaded model's statistics when the request names none."""
         name = request.name or None
-        stats = self.engine.model_statistics(name, oip.model_version(name, request.version) if name else None)
+        stats = await self.engine.model_statistics(name, oip.model_version(name, request.version) if name else None)
         return ParseDict({"model_stats": stats}, schema.message("ModelStatisticsResponse")())
 
     # ----- inference -----
