@@ -32,7 +32,8 @@ def batch_buckets(max_batch_size: int = 1024) -> tuple[float, ...]:
 
 REQUESTS = Counter(
     "igcv2_requests",
-    "HTTP requests answered, by route template, model and status code.",
+    "Requests answered, by endpoint (an HTTP route template, or a gRPC method: /inference.GRPCInferenceService/"
+    "ModelInfer), model and status code (HTTP's number, or gRPC's code name: OK, UNAVAILABLE, ...).",
     ["endpoint", "model", "code"],
 )
 REQUEST_DURATION = Histogram(
@@ -43,7 +44,7 @@ REQUEST_DURATION = Histogram(
 )
 IN_PROGRESS = Gauge(
     "igcv2_requests_in_progress",
-    "HTTP requests received and not yet answered, at any stage (health probes and scrapes not counted).",
+    "Requests (HTTP and gRPC) received and not yet answered, at any stage (health probes and scrapes not counted).",
     multiprocess_mode="livesum",
 )
 IMAGES = Counter("igcv2_images", "Images classified (computed and answered).", ["model", "version"])

@@ -97,8 +97,8 @@ def _requests(code: str, values: str, endpoint: str = "/classify", model: str = 
     return _series({**TARGET, "endpoint": endpoint, "model": model, "code": code}, "igcv2_requests_total", values)
 
 
-def _latency(bucket_values: dict[str, str]) -> list[dict[str, str]]:
-    labels = {**TARGET, "endpoint": "/classify", **MODEL, "code": "200"}
+def _latency(bucket_values: dict[str, str], endpoint: str = "/classify", code: str = "200") -> list[dict[str, str]]:
+    labels = {**TARGET, "endpoint": endpoint, **MODEL, "code": code}
     return [
         _series({**labels, "le": le}, "igcv2_request_duration_seconds_bucket", values)
         for le, values in bucket_values.items()
@@ -162,6 +162,25 @@ def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None
         _series(TARGET, "igcv2_worker_restarts_total", "0x30"),
     ]
     trickle = [_requests("200", "0+1x30"), _requests("503", "0+1x30"), _requests("400", "0+1x30")]
+    # gRPC alone: its code names count as HTTP's numbers do, its health checks as HTTP's probes.
+    infer, check = "/inference.GRPCInferenceService/ModelInfer", "/grpc.health.v1.Health/Check"
+    grpc_trouble = [
+        *_latency({"0.5": "0+10x30", "1.0": "0+100x30", "+Inf": "0+100x30"}, endpoint=infer, code="OK"),
+        _requests("OK", "0+60x30", endpoint=infer),
+        _requests("DEADLINE_EXCEEDED", "0+15x30", endpoint=infer),
+        _requests("UNAVAILABLE", "0+15x30", endpoint=infer),  # 20% server errors
+        _requests("INVALID_ARGUMENT", "0+60x30", endpoint=infer),  # 40% client errors
+    ]
+    grpc_healthy = [
+        *_latency({"0.05": "0+100x30", "+Inf": "0+100x30"}, endpoint=infer, code="OK"),
+        _requests("OK", "0+100x30", endpoint=infer),
+        _requests("UNAVAILABLE", "0+1x30", endpoint=infer),
+        _requests("NOT_FOUND", "0+5x30", endpoint=infer),
+        _requests("OK", "0+1000x30", endpoint=check, model=""),
+        _requests("OK", "0+1000x30", endpoint="/inference.GRPCInferenceService/ServerReady", model=""),
+    ]
+    grpc_alerts = {"IGCV2HighP99Latency": "warning", "IGCV2HighServerErrorRatio": "critical"}
+    grpc_alerts["IGCV2HighClientErrorRatio"] = "info"
     tests = {
         "rule_files": [str(rules_path)],
         "evaluation_interval": "1m",
@@ -178,6 +197,25 @@ def test_alerts_fire_on_trouble_and_stay_quiet_otherwise(tmp_path: Path) -> None
             },
             {"name": "healthy", "interval": "1m", "input_series": healthy, "alert_rule_test": _no_alerts("20m")},
             {"name": "trickle", "interval": "1m", "input_series": trickle, "alert_rule_test": _no_alerts("20m")},
+            {
+                "name": "grpc trouble",
+                "interval": "1m",
+                "input_series": grpc_trouble,
+                "alert_rule_test": [
+                    {
+                        "eval_time": "20m",
+                        "alertname": name,
+                        "exp_alerts": [{"exp_labels": {"severity": severity, **MODEL}}],
+                    }
+                    for name, severity in grpc_alerts.items()
+                ],
+            },
+            {
+                "name": "grpc healthy",
+                "interval": "1m",
+                "input_series": grpc_healthy,
+                "alert_rule_test": _no_alerts("20m"),
+            },
         ],
     }
     test_path = tmp_path / "alerts-test.yml"

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton
 import yaml
 from e2e.monitoring import (
     ALERTS,
@@ -38,7 +40,8 @@ from e2e.monitoring import (
 )
 from live_server import LiveServer, free_port, live_server
 from prometheus_client.parser import text_string_to_metric_families
-from samples import default_model_store, fashion_pngs
+from samples import default_model_store, fashion_pngs, fashion_test_images
+from tritonclient.utils import InferenceServerException
 
 PROMETHEUS = shutil.which("prometheus")
 RATE_RANGE = "15s"  # substituted for $__rate_interval: 15 scrapes at the 1 s interval used here
@@ -160,22 +163,48 @@ def good_requests(client: httpx.Client, images: list[bytes]) -> list[int]:
     return codes
 
 
+def grpc_requests(client: triton.InferenceServerClient, unknown_model: str) -> dict[str, str]:
+    """A good ModelInfer and two bad ones over gRPC; {expected status code: code answered}."""
+    images, _ = fashion_test_images(2)
+    answered = {}
+    for expected, name, tensor in (
+        ("OK", "igcv2-fashion", "image"),
+        ("INVALID_ARGUMENT", "igcv2-fashion", "bogus"),
+        ("NOT_FOUND", unknown_model, "image"),
+    ):
+        data = triton.InferInput(tensor, list(images.shape), "UINT8")
+        data.set_data_from_numpy(np.ascontiguousarray(images))
+        try:
+            client.infer(name, [data])
+            answered[expected] = "OK"
+        except InferenceServerException as exc:
+            answered[expected] = str(exc.status()).removeprefix("StatusCode.")
+    return answered
+
+
 class BackgroundTraffic:
     """Keeps a trickle of good and bad requests flowing, so every rate has recent samples."""
 
     def __init__(self, server: LiveServer, images: list[bytes], unknown_model: str) -> None:
         self.server, self.images, self.unknown_model = server, images, unknown_model
         self.stop_event = threading.Event()
-        self.codes: Counter[int] = Counter()
+        self.codes: Counter[int | str] = Counter()
         self.mismatches: list[str] = []
         self.thread = threading.Thread(target=self.run, name="traffic", daemon=True)
 
     def run(self) -> None:
-        with self.server.client(timeout=30.0) as client:
+        with (
+            self.server.client(timeout=30.0) as client,
+            triton.InferenceServerClient(self.server.grpc_target) as grpc_client,
+        ):
             round_ = 0
             while not self.stop_event.is_set():
                 try:
                     self.codes.update(good_requests(client, self.images))
+                    for expected, got in grpc_requests(grpc_client, self.unknown_model).items():
+                        self.codes[got] += 1
+                        if got != expected:
+                            self.mismatches.append(f"gRPC: expected {expected}, got {got}")
                     if round_ % 3 == 0:
                         for expected, got in error_requests(client, self.images[0], self.unknown_model).items():
                             self.codes[got] += 1
@@ -259,6 +288,18 @@ def check_alert(prom: httpx.Client, query: Query) -> str | None:
 # ---------------------------------------------------------------- the test
 
 
+def grpc_in_panels(prom: httpx.Client) -> dict[str, set[Any]]:
+    """What the throughput panel ((endpoint, code)) and the error panel (code) show of gRPC now."""
+    queries = {q.source.split("'")[1]: q.expr for q in dashboard_queries() if "sum by (endpoint, code)" in q.expr}
+    queries |= {q.source.split("'")[1]: q.expr for q in dashboard_queries() if "sum by (code)" in q.expr}
+    shown: dict[str, set[Any]] = {}
+    for title, expr in queries.items():
+        result = instant(prom, substitute(expr, {"__rate_interval": RATE_RANGE}))
+        labels = [series["metric"] for series in result if float(series["value"][1]) > 0]
+        shown[title] = {(m["endpoint"], m["code"]) if "endpoint" in m else m["code"] for m in labels}
+    return shown
+
+
 def test_dashboard_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
     images = fashion_pngs(8)
     unknown_model = f"no-such-model-{uuid.uuid4().hex[:8]}"
@@ -285,6 +326,7 @@ def test_dashboard_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
                 problems += [check_alert(prom, query) for query in alert_queries()]
                 rules = prom.get("/api/v1/rules").json()["data"]["groups"]
                 codes = {s["metric"]["code"] for s in instant(prom, 'igcv2_requests_total{endpoint="/classify"}')}
+                grpc_series = grpc_in_panels(prom)
             assert not traffic.mismatches, traffic.mismatches[:10]
             assert traffic.codes[200] > 0
 
@@ -298,6 +340,10 @@ def test_dashboard_and_alerts_against_real_prometheus(tmp_path: Path) -> None:
 
         # every outcome is counted with its code, 413 and 504 included
         assert {"200", "400", "404", "413", "415", "422", "504"} <= codes, codes
+        # the throughput and error panels count gRPC, by RPC and code name
+        infer = "/inference.GRPCInferenceService/ModelInfer"
+        assert {(infer, "OK"), (infer, "INVALID_ARGUMENT"), (infer, "NOT_FOUND")} <= grpc_series["Request throughput"]
+        assert {"INVALID_ARGUMENT", "NOT_FOUND"} <= grpc_series["Error rate by status code"]
 
         # every metric the dashboard and the alerts name is served by /metrics
         metrics_text = client.get("/metrics").text
