@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -62,6 +62,7 @@ STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     BodyTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,  # HTTP's stalled body; a gRPC message arrives whole
 }
 MAX_CONCURRENT_STREAMS = 256  # RPCs in flight on one connection; a client's further RPCs wait their turn
+STREAM_WINDOW = 64  # requests of one ModelStreamInfer in flight; the stream is read on as they are answered
 
 
 def status_of(error: ServiceError) -> grpc.StatusCode:
@@ -74,22 +75,79 @@ class Gate:
     def __init__(self, engine: Engine, settings: Settings, is_draining: Callable[[], bool]) -> None:
         self.engine = engine
         self.is_draining = is_draining
-        self.api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
         self.admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        # With an API key, every RPC but the open ones carries it or the admin key (as HTTP's ApiKey layer).
+        keys = [settings.api_key.get_secret_value() if settings.api_key else None, self.admin_key]
+        self.user_keys = [key.encode() for key in keys if key] if settings.api_key else []
         self.children: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # bounded like the labels
 
     def handler(self, rpc: Rpc) -> grpc.RpcMethodHandler:
         """The RPC's handler; it gets the message's bytes, so that a message that does not parse is answered
         INVALID_ARGUMENT, and counted, like any bad input (gRPC's own deserializing answers INTERNAL)."""
+        if rpc.stream:
+
+            async def streaming(
+                requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                async for response in self.stream(rpc, requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(streaming, response_serializer=rpc.response.SerializeToString)
 
         async def unary(data: bytes, context: grpc.aio.ServicerContext) -> Any:
             return await self.call(rpc, data, context)
 
         return grpc.unary_unary_rpc_method_handler(unary, response_serializer=rpc.response.SerializeToString)
 
-    async def call(self, rpc: Rpc, data: bytes, context: grpc.aio.ServicerContext) -> Any:
-        """The RPC's answer, or its error as a status. A cancelled RPC's client leaves, so its queued images
-        are withdrawn; one past its deadline lets the batcher drop them (the same deadline)."""
+    async def stream(
+        self, rpc: Rpc, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """ModelStreamInfer: each request runs as it arrives (up to STREAM_WINDOW at once), is counted as one
+        request, and is answered when done, its error as ``error_message`` while the stream goes on (as
+        Triton answers). The stream's end waits for every answer; its cancellation withdraws their images."""
+        try:
+            self.admit(rpc, context)
+        except ServiceError as error:
+            self.observe(rpc, None, status_of(error), 0.0)
+            await context.abort(status_of(error), error.message, self.trailer(error))
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        clients: dict[asyncio.Future[None], Client] = {}
+
+        async def answer(data: bytes, client: Client) -> None:
+            try:
+                response = await self.call(rpc, data, context, client)
+                answers.put_nowait(rpc.response(infer_response=response))
+            except ServiceError as error:
+                answers.put_nowait(rpc.response(error_message=error.message))
+            finally:
+                window.release()
+
+        async def read() -> None:
+            try:
+                async for data in requests:
+                    await window.acquire()
+                    client = Client()
+                    task = asyncio.ensure_future(answer(data, client))
+                    clients[task] = client
+                    task.add_done_callback(clients.pop)
+                await asyncio.gather(*clients)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+        finally:  # the stream ended, or was cancelled: nobody reads the answers still to come
+            reader.cancel()
+            for client in list(clients.values()):
+                client.leave()
+
+    async def call(self, rpc: Rpc, data: bytes, context: grpc.aio.ServicerContext, client: Client | None = None) -> Any:
+        """The RPC's answer, or its error as a status (a request of a stream, ``client`` given: as the
+        :class:`ServiceError` raised). A cancelled RPC's client leaves, so its queued images are withdrawn;
+        one past its deadline lets the batcher drop them (the same deadline)."""
         started = time.perf_counter()
         counted = rpc.access is not Access.OPEN
         if counted:
@@ -97,14 +155,16 @@ class Gate:
         code = grpc.StatusCode.INTERNAL
         request = None
         try:
-            self.admit(rpc, context)
+            if client is None:
+                self.admit(rpc, context)
             request = parse(rpc, data)
-            call = Call(Client(), context.time_remaining())
+            call = Call(client or Client(), context.time_remaining())
             work = asyncio.ensure_future(rpc.run(request, call))
             try:  # shielded: a cancellation reaches the work through its client, as on HTTP
                 response = await asyncio.shield(work)
             except asyncio.CancelledError:
-                expired = (context.time_remaining() or 1.0) <= 0
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                 if not expired:
                     call.client.leave()
@@ -114,9 +174,13 @@ class Gate:
             return response
         except ServiceError as error:
             code = status_of(error)
+            if client is not None:
+                raise
             await context.abort(code, error.message, self.trailer(error))
         except Exception as error:
             log.exception("unhandled error in %s", rpc.path)
+            if client is not None:
+                raise ServiceError(f"internal error: {type(error).__name__}") from error
             await context.abort(code, f"internal error: {type(error).__name__}")
         finally:
             if counted:
@@ -130,11 +194,7 @@ class Gate:
         if self.is_draining():
             raise Unavailable("server is shutting down; retry on another replica", 1)
         authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), "")
-        if isinstance(authorization, bytes):  # only "-bin" keys carry bytes; be lenient all the same
-            authorization = authorization.decode("latin-1")
-        token = authorization.encode()
-        keys = [key for key in (self.api_key, self.admin_key and self.admin_key.encode()) if key]
-        if self.api_key and not any(auth.bearer_matches(token, key) for key in keys):
+        if self.user_keys and not any(auth.bearer_matches(authorization.encode(), k) for k in self.user_keys):
             raise Unauthorized(auth.API_KEY_MESSAGE)
         if rpc.access is Access.ADMIN:
             auth.check_admin(authorization, self.admin_key)

@@ -51,6 +51,7 @@ class Rpc:
     run: Callable[[Any, Call], Awaitable[Message]]
     access: Access = Access.USER
     model_field: str | None = None  # the request field naming the model (the metrics' model label)
+    stream: bool = False  # a stream of requests, each answered by ``run`` inside a ``response``
 
     @property
     def path(self) -> str:
@@ -79,6 +80,7 @@ class InferenceServicer:
             rpc("ServerMetadata", self.server_metadata),
             rpc("ModelMetadata", self.model_metadata, Access.USER, "name"),
             rpc("ModelInfer", self.model_infer, Access.USER, "model_name"),
+            rpc("ModelStreamInfer", self.model_infer, Access.USER, "model_name", True),
             rpc("ModelConfig", self.model_config, Access.USER, "name"),
             rpc("ModelStatistics", self.model_statistics, Access.USER, "name"),
             rpc("RepositoryIndex", self.repository_index),

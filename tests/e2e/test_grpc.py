@@ -177,6 +177,40 @@ def test_classification_extension_and_requested_outputs(
     assert default.as_numpy("logits") is None and default.as_numpy("probabilities").shape == (2, 10)
 
 
+def test_stream_infer_answers_each_request_and_goes_on_after_an_error(
+    server: LiveServer, client: triton.InferenceServerClient
+) -> None:
+    """ModelStreamInfer, as tritonclient streams: every request answered (its id echoed), equal to
+    ModelInfer's answer; a bad request gets its error in the stream, which goes on."""
+    images, _ = fashion_test_images(N)
+    expected = client.infer(DEFAULT_MODEL, [infer_input("image", images, "UINT8")]).as_numpy("probabilities")
+    ok_before = requests_counted(server, "ModelStreamInfer", "OK")
+    answers: dict[str, tuple[object, object]] = {}
+    client.start_stream(
+        callback=lambda result, error: answers.__setitem__(
+            (result.get_response().id if result is not None else "error"), (result, error)
+        )
+    )
+    try:
+        for i in range(N):
+            client.async_stream_infer(
+                DEFAULT_MODEL, [infer_input("image", images[i : i + 1], "UINT8")], request_id=str(i)
+            )
+            if i == N // 2:
+                client.async_stream_infer(DEFAULT_MODEL, [infer_input("bogus", images[:1], "UINT8")], request_id="bad")
+    finally:
+        client.stop_stream()  # closes the request side and waits for every answer
+    assert set(answers) == {str(i) for i in range(N)} | {"error"}
+    for i in range(N):
+        result, error = answers[str(i)]
+        assert error is None
+        np.testing.assert_allclose(result.as_numpy("probabilities")[0], expected[i], atol=2e-5)  # type: ignore[union-attr]
+    error = answers["error"][1]
+    assert isinstance(error, InferenceServerException) and error.message().startswith("unknown input 'bogus'")
+    assert requests_counted(server, "ModelStreamInfer", "OK") == ok_before + N
+    assert requests_counted(server, "ModelStreamInfer", "INVALID_ARGUMENT") >= 1
+
+
 def test_1000_test_images_equal_http_v2_and_classify(server: LiveServer, client: triton.InferenceServerClient) -> None:
     """The same 1,000 Fashion-MNIST test images over gRPC (raw UINT8), HTTP /v2 (binary UINT8) and /classify
     (PNG files): the same top-1 everywhere, probabilities equal within float tolerance."""

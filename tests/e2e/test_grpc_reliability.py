@@ -161,6 +161,36 @@ def test_a_cancelled_rpc_withdraws_its_queued_images(server: LiveServer, stub: G
     still_serving(stub)
 
 
+def test_a_cancelled_stream_withdraws_the_queued_images_of_its_requests(
+    server: LiveServer, stub: GRPCInferenceServiceStub
+) -> None:
+    images, _ = fashion_test_images(4)
+    sent, hold = threading.Event(), threading.Event()
+
+    def requests() -> Iterator[service_pb2.ModelInferRequest]:
+        for _ in range(3):
+            yield infer_request(images)
+        sent.set()
+        hold.wait(60)  # the stream stays open until it is cancelled
+
+    before = scrape(server)
+    with Backlog(server) as backlog:
+        stream = stub.ModelStreamInfer(requests(), timeout=300)
+        assert sent.wait(30)
+        time.sleep(0.2)
+        stream.cancel()
+        hold.set()
+    after = scrape(server)
+    assert sample(after, "igcv2_images_total") - sample(before, "igcv2_images_total") == backlog.images
+    assert (
+        sample(after, "igcv2_rejected_images_total", reason="client_left")
+        - sample(before, "igcv2_rejected_images_total", reason="client_left")
+        == 12
+    )
+    assert sample(after, "igcv2_queue_depth") == 0
+    still_serving(stub)
+
+
 def test_a_full_queue_is_unavailable_with_retry_pushback(server: LiveServer, stub: GRPCInferenceServiceStub) -> None:
     images, _ = fashion_test_images(MAX_IMAGES)
     with Backlog(server, requests=QUEUE // MAX_IMAGES), pytest.raises(grpc.RpcError) as caught:  # the queue is full
