@@ -7,8 +7,9 @@ import shutil
 from functools import cache
 from pathlib import Path
 
+import httpx
 import numpy as np
-from live_server import MODEL_STORE
+from live_server import MODEL_STORE, LiveServer
 from PIL import Image
 
 from igcv2.artifact import read_config, save_artifact, versions
@@ -75,3 +76,19 @@ def v2_store(tmp_path: Path) -> Path:
         untrained=True,
     )
     return store
+
+
+def classify(server: LiveServer, pngs: list[bytes]) -> list[dict]:
+    """/classify's results for ``pngs``, every class scored (top_k 10)."""
+    response = httpx.post(server.url + "/classify", params={"top_k": 10}, files=multipart(pngs), timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+def probabilities(results: list[dict]) -> np.ndarray:
+    """/classify's results as an (images, 10) array of probabilities."""
+    out = np.zeros((len(results), 10))
+    for i, result in enumerate(results):
+        for p in result["predictions"]:
+            out[i, p["class_id"]] = p["score"]
+    return out

@@ -19,7 +19,15 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from live_server import LiveServer, live_server
-from samples import DEFAULT_MODEL, SPARE, fashion_pngs, fashion_test_images, multipart, v2_store
+from samples import (
+    DEFAULT_MODEL,
+    SPARE,
+    classify,
+    fashion_pngs,
+    fashion_test_images,
+    probabilities,
+    v2_store,
+)
 from tritonclient.utils import InferenceServerException
 
 ADMIN_KEY = "grpc-admin-secret"
@@ -59,20 +67,6 @@ def refusal(call: object) -> tuple[str, str]:
     with pytest.raises(InferenceServerException) as caught:
         call()  # type: ignore[operator]
     return caught.value.status(), caught.value.message()
-
-
-def classify(server: LiveServer, pngs: list[bytes]) -> list[dict]:
-    response = httpx.post(server.url + "/classify", params={"top_k": 10}, files=multipart(pngs), timeout=120)
-    assert response.status_code == 200, response.text
-    return response.json()["results"]
-
-
-def probabilities(results: list[dict]) -> np.ndarray:
-    out = np.zeros((len(results), 10))
-    for i, result in enumerate(results):
-        for p in result["predictions"]:
-            out[i, p["class_id"]] = p["score"]
-    return out
 
 
 def requests_counted(server: LiveServer, method: str, code: str) -> float:

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from e2e.reliability import samples
 from live_server import LiveServer, live_server
 from samples import DEFAULT_MODEL, default_model_store, fashion_test_images
 from tritonclient.grpc import service_pb2
@@ -62,18 +63,13 @@ def status(call: object) -> tuple[grpc.StatusCode, str]:
     return caught.value.code(), caught.value.details()
 
 
-def scrape(server: LiveServer) -> dict[str, float]:
-    """Every igcv2_* sample of /metrics, by its full name with labels."""
-    text = httpx.get(server.url + "/metrics", timeout=30).text
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("igcv2_")
-    }
+def scrape(server: LiveServer) -> str:
+    return httpx.get(server.url + "/metrics", timeout=30).text
 
 
-def sample(metrics: dict[str, float], name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels``."""
-    want = [f'{key}="{value}"' for key, value in labels.items()]
-    return sum(v for k, v in metrics.items() if k.split("{")[0] == name and all(w in k for w in want))
+def grew(before: str, after: str, name: str, **labels: str) -> float:
+    """How much the sum of a metric's matching samples grew between two scrapes."""
+    return sum(samples(after, name, **labels)) - sum(samples(before, name, **labels))
 
 
 def still_serving(stub: GRPCInferenceServiceStub) -> None:
@@ -105,7 +101,7 @@ class Backlog:
         for thread in self.threads:
             thread.start()
         deadline = time.monotonic() + 120
-        while sample(scrape(self.server), "igcv2_queue_depth") < self.images // 2:  # our RPC queues behind these
+        while sum(samples(scrape(self.server), "igcv2_queue_depth")) < self.images // 2:  # our RPC queues behind these
             assert time.monotonic() < deadline, "the backlog never queued"
             time.sleep(0.02)
         return self
@@ -125,17 +121,9 @@ def test_past_its_deadline_deadline_exceeded_and_never_computed(
         code, _ = status(lambda: stub.ModelInfer(infer_request(images), timeout=0.3))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     after = scrape(server)
-    computed = sample(after, "igcv2_images_total") - sample(before, "igcv2_images_total")
-    assert computed == backlog.images  # ours: none of the 4
-    assert (
-        sample(after, "igcv2_rejected_images_total", reason="deadline")
-        - sample(before, "igcv2_rejected_images_total", reason="deadline")
-        == 4
-    )
-    assert (
-        sample(after, "igcv2_requests_total", code="DEADLINE_EXCEEDED")
-        == sample(before, "igcv2_requests_total", code="DEADLINE_EXCEEDED") + 1
-    )
+    assert grew(before, after, "igcv2_images_total") == backlog.images  # ours: none of the 4
+    assert grew(before, after, "igcv2_rejected_images_total", reason="deadline") == 4
+    assert grew(before, after, "igcv2_requests_total", code="DEADLINE_EXCEEDED") == 1
     still_serving(stub)
 
 
@@ -147,17 +135,10 @@ def test_a_cancelled_rpc_withdraws_its_queued_images(server: LiveServer, stub: G
         time.sleep(0.2)
         assert future.cancel()
     after = scrape(server)
-    assert sample(after, "igcv2_images_total") - sample(before, "igcv2_images_total") == backlog.images
-    assert (
-        sample(after, "igcv2_rejected_images_total", reason="client_left")
-        - sample(before, "igcv2_rejected_images_total", reason="client_left")
-        == 4
-    )
-    assert (
-        sample(after, "igcv2_requests_total", code="CANCELLED")
-        == sample(before, "igcv2_requests_total", code="CANCELLED") + 1
-    )
-    assert sample(after, "igcv2_queue_depth") == 0
+    assert grew(before, after, "igcv2_images_total") == backlog.images
+    assert grew(before, after, "igcv2_rejected_images_total", reason="client_left") == 4
+    assert grew(before, after, "igcv2_requests_total", code="CANCELLED") == 1
+    assert sum(samples(after, "igcv2_queue_depth")) == 0
     still_serving(stub)
 
 
@@ -181,13 +162,9 @@ def test_a_cancelled_stream_withdraws_the_queued_images_of_its_requests(
         stream.cancel()
         hold.set()
     after = scrape(server)
-    assert sample(after, "igcv2_images_total") - sample(before, "igcv2_images_total") == backlog.images
-    assert (
-        sample(after, "igcv2_rejected_images_total", reason="client_left")
-        - sample(before, "igcv2_rejected_images_total", reason="client_left")
-        == 12
-    )
-    assert sample(after, "igcv2_queue_depth") == 0
+    assert grew(before, after, "igcv2_images_total") == backlog.images
+    assert grew(before, after, "igcv2_rejected_images_total", reason="client_left") == 12
+    assert sum(samples(after, "igcv2_queue_depth")) == 0
     still_serving(stub)
 
 

@@ -17,7 +17,15 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from live_server import LiveServer, live_server
-from samples import DEFAULT_MODEL, SPARE, fashion_pngs, fashion_test_images, multipart, v2_store
+from samples import (
+    DEFAULT_MODEL,
+    SPARE,
+    classify,
+    fashion_pngs,
+    fashion_test_images,
+    probabilities,
+    v2_store,
+)
 from tritonclient.utils import InferenceServerException
 
 ADMIN_KEY = "v2-admin-secret"
@@ -44,20 +52,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def client(server: LiveServer) -> Iterator[triton.InferenceServerClient]:
     with triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=120.0) as client:
         yield client
-
-
-def classify(server: LiveServer, pngs: list[bytes]) -> list[dict]:
-    response = httpx.post(server.url + "/classify", params={"top_k": 10}, files=multipart(pngs), timeout=60)
-    assert response.status_code == 200, response.text
-    return response.json()["results"]
-
-
-def probabilities(results: list[dict]) -> np.ndarray:
-    out = np.zeros((len(results), 10))
-    for i, result in enumerate(results):
-        for p in result["predictions"]:
-            out[i, p["class_id"]] = p["score"]
-    return out
 
 
 def status_of(call: object) -> str:
