@@ -2,9 +2,9 @@
 HTTP's layers do (service/api/middleware.py): draining, keys, requests in progress, the request counter and
 latency histogram, and the service's errors as gRPC status codes.
 
-With ``IGCV2_WORKERS`` > 1 every worker serves gRPC on the same port through SO_REUSEPORT (the kernel
-spreads connections over the workers; a gRPC channel is one connection, so it stays with one worker), and
-starts listening, like its HTTP, only once its models are warm.
+With ``IGCV2_WORKERS`` > 1 every front-end serves gRPC on the same port through SO_REUSEPORT (the kernel
+spreads connections over them; a gRPC channel is one connection, so it stays with one front-end), and
+starts listening, like its HTTP, only once the executor's models are warm.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from service.errors import (
     BadInput,
     BodyTimeout,
     ClientLeft,
-    Conflict,
     DeadlineExceeded,
     Forbidden,
     InvalidParameter,
@@ -55,7 +54,6 @@ STATUS: dict[type[ServiceError], grpc.StatusCode] = {
     Unauthorized: grpc.StatusCode.UNAUTHENTICATED,
     Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
-    Conflict: grpc.StatusCode.FAILED_PRECONDITION,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     ClientLeft: grpc.StatusCode.CANCELLED,
@@ -233,7 +231,7 @@ async def start(engine: Engine, settings: Settings, version: str, is_draining: C
         options=[
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
-            # Several workers share the port; one process alone must own it (a second server fails to bind).
+            # Several front-ends share the port; one process alone must own it (a second server fails to bind).
             ("grpc.so_reuseport", int(settings.workers > 1)),
         ]
     )
