@@ -5,6 +5,7 @@ its queued images withdrawn; hundreds of concurrent RPCs all end; and the server
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import Counter
@@ -312,8 +313,11 @@ def test_sigterm_answers_rpcs_in_flight_and_refuses_new_ones(tmp_path: Path) -> 
     with live_server(tmp_path, env) as server, grpc.insecure_channel(server.grpc_target) as channel:
         stub = GRPCInferenceServiceStub(channel)
         in_flight = stub.ModelInfer.future(infer_request(images), timeout=120)
-        time.sleep(0.5)
-        server.process.send_signal(15)
+        deadline = time.monotonic() + 60
+        while sum(samples(scrape(server), "igcv2_requests_in_progress")) < 1:  # in the server's hands
+            assert time.monotonic() < deadline, "the RPC never reached the server"
+            time.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         code, details = status(lambda: stub.ModelInfer(infer_request(images), timeout=60))
         assert code == grpc.StatusCode.UNAVAILABLE, details
