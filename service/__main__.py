@@ -32,7 +32,7 @@ class Server(uvicorn.Server):
     """uvicorn, plus: on SIGTERM/SIGINT flag the app as draining so new requests get 503."""
 
     def handle_exit(self, sig: int, frame: object) -> None:
-        app = self.config.loaded_app
+        app = getattr(self.config, "loaded_app", None)  # None while a signal arrives before the app loads
         while app is not None and not hasattr(app, "state"):
             app = getattr(app, "app", None)
         if app is not None:

@@ -235,3 +235,14 @@ def test_sigterm_during_a_control_route_load_exits_0_without_waiting_for_it(tmp_
     assert "igcv2-fashion v2 still loading: abandoned" in rest, rest[-2000:]
     assert "terminate called" not in rest
     assert isinstance(answers[0], urllib.error.HTTPError) and answers[0].code == 503, answers
+
+
+def test_a_signal_before_the_app_loads_only_asks_to_exit() -> None:
+    """SIGTERM can reach a front-end while uvicorn still imports its protocols (no app yet)."""
+    import uvicorn
+
+    from service.__main__ import Server
+
+    server = Server(uvicorn.Config("service.app:create_app", factory=True))
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit
