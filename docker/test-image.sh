@@ -138,7 +138,23 @@ start_container() {
     echo "ready after $ready s (GET /health/ready 200); HEALTHCHECK healthy after $(since "$t0") s"
 }
 
+# What the compose options promise, seen from inside: the image's non-root user, no capabilities,
+# no-new-privileges, a read-only root and a writable /tmp.
+check_lockdown() {
+    local status uid
+    status=$(docker exec "$name" cat /proc/1/status)
+    uid=$(docker image inspect -f '{{.Config.User}}' "$image" | cut -d: -f1)
+    [ "${uid:-0}" != 0 ] || fail "the image's USER is root"
+    grep -Eq "^Uid:\s+$uid\s" <<<"$status" || fail "the service does not run as uid $uid"
+    grep -Eq '^CapEff:\s+0+$' <<<"$status" || fail "the service has capabilities"
+    grep -Eq '^NoNewPrivs:\s+1$' <<<"$status" || fail "no-new-privileges is off"
+    ! docker exec "$name" touch /probe 2>/dev/null || fail "the root filesystem is writable"
+    docker exec "$name" sh -c 'touch /tmp/probe && rm /tmp/probe' || fail "/tmp is not writable"
+    echo "locked down: uid $uid, no capabilities, no-new-privileges, read-only root"
+}
+
 check_container() {
+    check_lockdown
     IGCV2_IMAGE_URL=$url "$python" -m pytest -q -p no:cacheprovider tests/deploy/running_image.py ||
         fail "checks of the running container"
 }
