@@ -112,14 +112,17 @@ build() {
     done
 }
 
-# Starts a container on $volume and waits until GET /health/ready answers 200 (sets $url and $ready, the
-# seconds from the container's start to that answer), then until the HEALTHCHECK reports healthy.
+# Starts a container on $volume and waits until GET /health/ready answers 200 (sets $url, $grpc and $ready,
+# the seconds from the container's start to that answer), then until the HEALTHCHECK reports healthy.
 start_container() {
-    local port args t0
-    port=$("$python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-    mapfile -t args < <("$python" tests/deploy/running_image.py "$port" "$volume")
+    local ports args t0
+    mapfile -t ports < <("$python" -c "import socket
+sockets = [socket.create_server(('127.0.0.1', 0)) for _ in range(2)]
+print(*(s.getsockname()[1] for s in sockets), sep='\n')")
+    mapfile -t args < <("$python" tests/deploy/running_image.py "${ports[@]}" "$volume")
     [ "${#args[@]}" -gt 5 ] || fail "no docker run options from docker-compose.cpu.yml"
-    url=http://127.0.0.1:$port
+    url=http://127.0.0.1:${ports[0]}
+    grpc=127.0.0.1:${ports[1]}
     t0=$(now)
     docker run -d --name "$name" "${args[@]}" "$image" >/dev/null
     echo "docker run: $(since "$t0") s to create and start the container"
@@ -155,7 +158,7 @@ check_lockdown() {
 
 check_container() {
     check_lockdown
-    IGCV2_IMAGE_URL=$url "$python" -m pytest -q -p no:cacheprovider tests/deploy/running_image.py ||
+    IGCV2_IMAGE_URL=$url IGCV2_IMAGE_GRPC=$grpc "$python" -m pytest -q -p no:cacheprovider tests/deploy/running_image.py ||
         fail "checks of the running container"
 }
 

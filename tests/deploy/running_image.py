@@ -1,9 +1,10 @@
 """Checks of a running container of the image, over HTTP: run by docker/test-image.sh (``make image-test``).
 
 Not collected by the suite, which has no Docker engine: the script runs this file with ``IGCV2_IMAGE_URL``
-set once the container's HEALTHCHECK reports healthy, after each start. As a program,
-``python tests/deploy/running_image.py PORT VOLUME`` prints the ``docker run`` options, one a line, that run
-the image as docker-compose.cpu.yml runs its service (``deploy.wiring.docker_run_args``).
+and ``IGCV2_IMAGE_GRPC`` (its HTTP URL and gRPC address) set once the container's HEALTHCHECK reports
+healthy, after each start. As a program, ``python tests/deploy/running_image.py PORT GRPC_PORT VOLUME``
+prints the ``docker run`` options, one a line, that run the image as docker-compose.cpu.yml runs its
+service (``deploy.wiring.docker_run_args``).
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import tritonclient.grpc as triton
 from deploy.wiring import COMPOSE_CPU, ROOT, SERVICE, compose_config, docker_run_args
 from prometheus_client.parser import text_string_to_metric_families
 from samples import DEFAULT_MODEL, assert_matches_offline, fashion_pngs, multipart, offline_probabilities
 
 URL = os.environ.get("IGCV2_IMAGE_URL", "")
+GRPC = os.environ.get("IGCV2_IMAGE_GRPC", "")
 N_IMAGES, PER_REQUEST = 256, 8
+pytestmark = pytest.mark.skipif(not URL, reason="docker/test-image.sh runs these checks against its container")
 
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[httpx.Client]:
-    if not URL:
-        pytest.skip("IGCV2_IMAGE_URL is not set: docker/test-image.sh runs these checks against its container")
     with httpx.Client(base_url=URL, timeout=60) as client:
         yield client
 
@@ -57,6 +59,12 @@ def test_open_inference_protocol_readiness(client: httpx.Client) -> None:
     assert response.status_code == 200 and response.json() == {"ready": True}, response.text
 
 
+def test_grpc_readiness() -> None:
+    """The Open Inference Protocol's other wire, served beside HTTP by the same process."""
+    with triton.InferenceServerClient(GRPC) as grpc_client:
+        assert grpc_client.is_server_ready() and grpc_client.is_model_ready(DEFAULT_MODEL)
+
+
 def scrape(client: httpx.Client, name: str) -> list[tuple[dict[str, str], float]]:
     response = client.get("/metrics")
     assert response.status_code == 200, response.text
@@ -69,5 +77,6 @@ def scrape(client: httpx.Client, name: str) -> list[tuple[dict[str, str], float]
 
 
 if __name__ == "__main__":
-    port, volume = sys.argv[1:]
-    print("\n".join(docker_run_args(compose_config(COMPOSE_CPU)["services"][SERVICE], int(port), volume)))
+    port, grpc_port, volume = sys.argv[1:]
+    service = compose_config(COMPOSE_CPU)["services"][SERVICE]
+    print("\n".join(docker_run_args(service, int(port), int(grpc_port), volume)))

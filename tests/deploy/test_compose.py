@@ -299,15 +299,16 @@ def test_the_image_test_runs_the_cpu_service_as_compose_does():
     """docker/test-image.sh runs the container with these options: the compose file's lockdown, volumes and
     environment, on the host's network and the loopback only."""
     (svc,) = igcv2_services(CPU).values()
-    args = docker_run_args(svc, 41234, "test-cache")
+    args = docker_run_args(svc, 41234, 41235, "test-cache")
     assert {"--network=host", "--read-only", "--tmpfs=/tmp", "--cap-drop=ALL"} <= set(args)
     assert "--security-opt=no-new-privileges:true" in args and "--stop-timeout=45" in args
     assert f"--volume={ROOT / 'model_store'}:/models:ro" in args and "--volume=test-cache:/cache:rw" in args
     env = dict(a.removeprefix("--env=").split("=", 1) for a in args if a.startswith("--env="))
-    assert env == {**container_env(svc), env_name("host"): "127.0.0.1", env_name("port"): "41234"}
+    ports = {env_name("port"): "41234", env_name("grpc_port"): "41235"}
+    assert env == {**container_env(svc), env_name("host"): "127.0.0.1", **ports}
 
 
 def test_the_image_test_refuses_a_compose_key_it_cannot_translate():
     (svc,) = igcv2_services(CPU).values()
     with pytest.raises(AssertionError, match="ulimits"):
-        docker_run_args({**svc, "ulimits": {"nofile": 1024}}, 41234, "test-cache")
+        docker_run_args({**svc, "ulimits": {"nofile": 1024}}, 41234, 41235, "test-cache")

@@ -217,14 +217,15 @@ NOT_RUN_AS_COMPOSED = {
 }
 
 
-def docker_run_args(service: dict[str, Any], port: int, cache_volume: str) -> list[str]:
+def docker_run_args(service: dict[str, Any], port: int, grpc_port: int, cache_volume: str) -> list[str]:
     """``docker run`` options that run a resolved compose service as compose would, except: on the host's
-    network at 127.0.0.1:``port``, and with ``cache_volume`` for its named volume. A key this does not
-    translate fails here rather than being left out of the test."""
+    network at 127.0.0.1:``port`` (gRPC: ``grpc_port``), and with ``cache_volume`` for its named volume. A
+    key this does not translate fails here rather than being left out of the test."""
     translated = {"environment", "volumes", "read_only", "tmpfs", "cap_drop", "security_opt", "stop_grace_period"}
     untranslated = sorted(set(service) - translated - set(NOT_RUN_AS_COMPOSED))
     assert not untranslated, f"docker_run_args does not translate the compose keys {untranslated}"
-    env = {**container_env(service), env_name("host"): "127.0.0.1", env_name("port"): str(port)}
+    env = {**container_env(service), env_name("host"): "127.0.0.1"}
+    env |= {env_name("port"): str(port), env_name("grpc_port"): str(grpc_port)}
     args = ["--network=host", *(f"--env={key}={value}" for key, value in env.items())]
     for target, (source, mode) in mounts(service).items():
         args.append(f"--volume={source if source.startswith('/') else cache_volume}:{target}:{mode}")
