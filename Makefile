@@ -2,11 +2,12 @@
 # make test     - install everything the tests need (locked pip packages + Debian packages), lint, run the suite
 # make lock     - re-resolve requirements/*.txt after editing pyproject.toml's dependencies
 # make upgrade  - the newest releases pyproject.toml allows, into the locks, then the whole suite
+# make image-test - build the CPU image offline and run it as docker-compose.cpu.yml does (docker/test-image.sh)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
-DEBIAN_PACKAGES := dataset-fashion-mnist prometheus hey docker-compose
+DEBIAN_PACKAGES := dataset-fashion-mnist prometheus hey docker-compose shellcheck
 
 # The torch build of the virtual environment: CUDA on a host with an NVIDIA driver, else CPU.
 TORCH_BUILD ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
@@ -17,7 +18,7 @@ TORCH_CPU_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),/opt/wheels,h
 UV_COMPILE = printf 'setuptools>=68\n' | $(VENV)/bin/uv pip compile pyproject.toml - --quiet --generate-hashes \
 	--python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 
-.PHONY: run test lint venv system-packages lock upgrade bench summary evaluate
+.PHONY: run test lint venv system-packages lock upgrade image-test bench summary evaluate
 
 $(VENV)/.installed: $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +56,11 @@ upgrade:
 	$(MAKE) lock UPGRADE=--upgrade
 	rm -rf $(VENV)  # a fresh environment from the new locks: nothing left over from the old
 	$(MAKE) test
+
+# As root, with a Debian mirror for the base image (once) and pip's indexes for the wheels (once per lock).
+image-test: venv
+	$(MAKE) system-packages DEBIAN_PACKAGES="$(DEBIAN_PACKAGES) docker.io debootstrap curl"
+	PYTHON=$(PY) docker/test-image.sh
 
 bench: venv system-packages
 	$(PY) -m benchmarks.run --mode all

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from live_server import MODEL_STORE, LiveServer
 from PIL import Image
 
-from igcv2.artifact import read_config, save_artifact, versions
+from igcv2.artifact import load_artifact, read_config, save_artifact, versions
 from igcv2.data import FASHION_MNIST_LABELS, load_dataset
-from igcv2.networks import build
+from igcv2.evaluate import predict_logits
+from igcv2.networks import Normalized, build
 
 DEFAULT_MODEL = "igcv2-fashion"
 SPARE = "igcv2-spare"  # in v2_store(), not loaded at start: the repository tests load and unload it
@@ -39,6 +41,24 @@ def fashion_pngs(n: int) -> list[bytes]:
 
 def multipart(images: list[bytes], content_type: str = "image/png") -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("file", (f"img{i}.png", data, content_type)) for i, data in enumerate(images)]
+
+
+def offline_probabilities(store: Path, n: int) -> np.ndarray:
+    """Float32 probabilities of the served artifact, computed in-process without the service."""
+    path = store / DEFAULT_MODEL / str(versions(store / DEFAULT_MODEL)[-1])
+    artifact = load_artifact(path)
+    spec = artifact.config.input
+    logits = predict_logits(Normalized(artifact.model, spec.mean, spec.std), fashion_test_images(n)[0])
+    return torch.softmax(logits.double(), 1).numpy()
+
+
+def assert_matches_offline(results: list[dict], expected: np.ndarray) -> None:
+    assert len(results) == len(expected)
+    for i, result in enumerate(results):
+        predictions = result["predictions"]
+        assert next(p["class_id"] for p in predictions) == int(expected[i].argmax()), f"image {i}"
+        for p in predictions:
+            assert abs(p["score"] - expected[i][p["class_id"]]) < 1e-4, f"image {i} class {p['class_id']}"
 
 
 def default_model_store(tmp_path: Path) -> Path:

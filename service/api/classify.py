@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from service.api.routing import Router
 from service.api.schemas import ERROR_RESPONSES, ClassifyResponse, RequestTimeout
 from service.client import client_of
 from service.engine import Engine, Upload
 from service.errors import BadInput, TooLarge, UnsupportedMediaType
 
-router = APIRouter(tags=["classify"])
+router = Router(tags=["classify"])
 
 
 async def read_uploads(request: Request, max_images: int) -> list[Upload]:

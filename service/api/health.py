@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from service.api.routing import Router
 from service.api.schemas import Health
 from service.catalog import Catalog
 
-router = APIRouter(tags=["health"])
+router = Router(tags=["health"])
 
 
 @router.api_route("/health/live", methods=["GET", "HEAD"], response_model=Health)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 
+from service.api.routing import Router
 from service.api.schemas import ERROR_RESPONSES, ModelDetail, ModelList
 from service.catalog import Catalog, validate_name
 from service.errors import NotFound
 
-router = APIRouter(tags=["models"])
+router = Router(tags=["models"])
 
 
 @router.get("/models", response_model=ModelList)

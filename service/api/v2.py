@@ -11,17 +11,18 @@ import json
 import zlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import Depends, Header, Request
 from fastapi.responses import Response
 
 from service import oip
+from service.api.routing import Router
 from service.api.schemas import ERROR_RESPONSES, RequestTimeout
 from service.auth import check_admin
 from service.client import client_of
 from service.engine import Engine
 from service.errors import BadInput, TooLarge, Unavailable, UnsupportedMediaType
 
-router = APIRouter(tags=["v2 (Open Inference Protocol)"], responses=ERROR_RESPONSES)
+router = Router(tags=["v2 (Open Inference Protocol)"], responses=ERROR_RESPONSES)
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing API key, or missing admin key when IGCV2_ADMIN_KEY is set"},
     403: {"description": "Wrong admin key"},

@@ -4,7 +4,6 @@ settings and routes and against the Prometheus and Grafana files they mount."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,16 @@ from deploy.wiring import (
     compose_config,
     compose_env,
     container_env,
+    docker_run_args,
     env_names_in,
     gpu_devices,
     grpc_port,
     health_path,
     metrics_path,
+    mounts,
     parse_env_file,
     run,
+    seconds,
     service_port,
     setting_env_names,
     tool,
@@ -47,28 +49,6 @@ VARIANTS = {"gpu": GPU, "cpu": CPU, "multi-gpu": MULTI_GPU}
 def services(files: tuple[Path, ...]) -> dict[str, Any]:
     """Resolved services (docker-compose 1.29's `config` lists profiled services too)."""
     return compose_config(*files)["services"]
-
-
-def seconds(duration: str | int) -> float:
-    """Compose durations as docker-compose config prints them: 600, '600s', '10m', '1m30s', '1h'."""
-    if isinstance(duration, int | float):
-        return float(duration)
-    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
-    assert parts and "".join(a + b for a, b in parts) == duration, f"unreadable duration {duration!r}"
-    return sum(float(value) * units[unit] for value, unit in parts)
-
-
-def mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    """{container path: (source, mode)} of a resolved service's volumes."""
-    found = {}
-    for spec in service.get("volumes", []):
-        if isinstance(spec, dict):
-            found[spec["target"]] = (spec.get("source", ""), "ro" if spec.get("read_only") else "rw")
-        else:
-            source, target, *mode = spec.split(":")
-            found[target] = (source, mode[0] if mode else "rw")
-    return found
 
 
 def igcv2_services(files: tuple[Path, ...]) -> dict[str, dict[str, Any]]:
@@ -313,3 +293,22 @@ def test_grafana_is_provisioned_from_the_repository():
     ]
     prometheus_port = services(GPU)["prometheus"]["ports"][0]["target"]
     assert any(d["url"] == f"http://prometheus:{prometheus_port}" for d in datasources)
+
+
+def test_the_image_test_runs_the_cpu_service_as_compose_does():
+    """docker/test-image.sh runs the container with these options: the compose file's lockdown, volumes and
+    environment, on the host's network and the loopback only."""
+    (svc,) = igcv2_services(CPU).values()
+    args = docker_run_args(svc, 41234, 41235, "test-cache")
+    assert {"--network=host", "--read-only", "--tmpfs=/tmp", "--cap-drop=ALL"} <= set(args)
+    assert "--security-opt=no-new-privileges:true" in args and "--stop-timeout=45" in args
+    assert f"--volume={ROOT / 'model_store'}:/models:ro" in args and "--volume=test-cache:/cache:rw" in args
+    env = dict(a.removeprefix("--env=").split("=", 1) for a in args if a.startswith("--env="))
+    ports = {env_name("port"): "41234", env_name("grpc_port"): "41235"}
+    assert env == {**container_env(svc), env_name("host"): "127.0.0.1", **ports}
+
+
+def test_the_image_test_refuses_a_compose_key_it_cannot_translate():
+    (svc,) = igcv2_services(CPU).values()
+    with pytest.raises(AssertionError, match="ulimits"):
+        docker_run_args({**svc, "ulimits": {"nofile": 1024}}, 41234, 41235, "test-cache")

@@ -89,6 +89,7 @@ def resolve(text: str, variables: dict[str, str]) -> str:
 
 
 GLOBAL_ARGS, STAGES = parse_dockerfile()
+TORCH_BUILDS = ("cpu", "cuda")
 FINAL = STAGES[-1]
 FINAL_ENV = {k: v for args in FINAL.all("ENV") for k, v in key_values(args).items()}
 
@@ -132,7 +133,7 @@ def test_the_build_installs_the_lock_of_its_torch_build_with_hashes():
     assert stage_args(build).get("TORCH_BUILD") == "cuda", "the default image is the CUDA one (cpu by build argument)"
     (copied,) = [a for a in build.all("COPY") if "requirements/" in a]
     assert copied.split()[0] == "requirements/service-${TORCH_BUILD}.txt"
-    for torch_build in ("cpu", "cuda"):
+    for torch_build in TORCH_BUILDS:
         lock = ROOT / f"requirements/service-{torch_build}.txt"
         assert re.search(r"^torch==2\.13\.0" + (r"\+cpu" if torch_build == "cpu" else r" "), lock.read_text(), re.M)
     (project,) = [a for a in build.all("RUN") if "pip install" in a and "--require-hashes" not in a]
@@ -144,6 +145,34 @@ def test_runtime_has_c_and_cxx_compilers_for_torch_compile():
     installs = " ".join(a for a in FINAL.all("RUN") if "apt-get install" in a).split()
     assert "gcc" in installs, "Triton (torch.compile on GPU) compiles C at run time"
     assert "g++" in installs, "Inductor's CPU kernels are C++"
+
+
+def test_pip_settings_are_arguments_left_unset_unless_passed():
+    """An offline build points pip at a local wheel index through these; declared with a value (even an
+    empty one) they would be set in RUN, and an empty PIP_INDEX_URL or PIP_NO_INDEX breaks pip."""
+    (build,) = [s for s in STAGES if any("--require-hashes" in a for a in s.all("RUN"))]
+    pip_args = [a for a in build.all("ARG") if a.startswith("PIP_")]
+    assert sorted(pip_args) == ["PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_NO_INDEX"]
+    assert not [a for a in GLOBAL_ARGS if a.startswith("PIP_")], "declared before FROM they would not reach RUN"
+
+
+def test_compilers_come_from_the_mirror_only_when_the_base_lacks_them():
+    """The offline base (docker/local-base.sh) carries them: a build on it needs no Debian mirror."""
+    (step,) = [a for a in FINAL.all("RUN") if "apt-get install" in a]
+    checked = re.search(r"if ! dpkg -s ([^>]+?) >/dev/null 2>&1; then", step)
+    installed = re.search(r"apt-get install -y --no-install-recommends ([^&;]+)", step)
+    assert checked and installed and checked[1].split() == installed[1].split()
+    assert step.index("then") < step.index("apt-get update") < step.index("fi"), "apt-get runs only inside the if"
+
+
+def test_the_local_base_has_what_the_dockerfile_takes_from_python_slim():
+    script = (ROOT / "docker" / "local-base.sh").read_text()
+    included = set(re.search(r"--include=(\S+)", script)[1].split(","))
+    (step,) = [a for a in FINAL.all("RUN") if "apt-get install" in a]
+    compilers = set(re.search(r"apt-get install -y --no-install-recommends ([^&;]+)", step)[1].split())
+    # python on PATH (the RUN steps and the HEALTHCHECK call it), venv, Python.h, pip's TLS certificates.
+    assert included >= {"python3", "python-is-python3", "python3-venv", "python3-dev", "ca-certificates"} | compilers
+    assert "ENV PATH=" in script, "an imported image has no PATH, and the Dockerfile appends to it"
 
 
 def test_runs_as_non_root_numeric_user():
@@ -280,15 +309,35 @@ def test_build_context_leaves_out_environments_caches_and_tests(path):
 
 
 def test_every_copied_source_is_in_the_build_context():
-    for stage in STAGES:
+    for stage, torch_build in ((stage, tb) for stage in STAGES for tb in TORCH_BUILDS):
         for args in stage.all("COPY"):
             if args.startswith("--from"):
                 continue
-            words = [resolve(w, stage_args(stage)) for w in args.split() if not w.startswith("--")]
-            for source in words[:-1]:
+            words = [w for w in args.split() if not w.startswith("--")]
+            for source in (resolve(w, {**stage_args(stage), "TORCH_BUILD": torch_build}) for w in words[:-1]):
                 assert (ROOT / source).exists(), f"COPY {source}: missing from the repository"
                 files = [p for p in (ROOT / source).rglob("*.py")] if (ROOT / source).is_dir() else [ROOT / source]
                 for file in files[:50]:
                     relative = file.relative_to(ROOT).as_posix()
                     if "__pycache__" not in relative:
                         assert in_build_context(relative), f"{relative} is copied but .dockerignore drops it"
+
+
+# ----------------------------------------------------------------------------- docker/*.sh (make image-test)
+
+SCRIPTS = sorted((ROOT / "docker").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_are_shellcheck_clean(script):
+    result = run([tool("shellcheck"), "--severity=info", str(script)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_test_engine_adds_no_network_plumbing_to_the_host():
+    """The engine it starts makes no bridge and no NAT rules; its builds use the host's network (the
+    containers too: tests/deploy/test_compose.py)."""
+    script = (ROOT / "docker" / "test-image.sh").read_text()
+    (dockerd,) = re.findall(r"^\s*dockerd (.*(?:\\\n.*)*)", script, re.M)
+    assert {"--storage-driver=vfs", "--bridge=none", "--iptables=false", "--ip-forward=false"} <= set(dockerd.split())
+    assert "local args=(--network host -f docker/Dockerfile" in script

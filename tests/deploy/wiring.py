@@ -185,6 +185,59 @@ def parse_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+def seconds(duration: str | int) -> float:
+    """Compose durations as docker-compose config prints them: 600, '600s', '10m', '1m30s', '1h'."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(a + b for a, b in parts) == duration, f"unreadable duration {duration!r}"
+    return sum(float(value) * units[unit] for value, unit in parts)
+
+
+def mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """{container path: (source, mode)} of a resolved service's volumes."""
+    found = {}
+    for spec in service.get("volumes", []):
+        if isinstance(spec, dict):
+            found[spec["target"]] = (spec.get("source", ""), "ro" if spec.get("read_only") else "rw")
+        else:
+            source, target, *mode = spec.split(":")
+            found[target] = (source, mode[0] if mode else "rw")
+    return found
+
+
+# Keys of the compose service that docker/test-image.sh does not take over, and why.
+NOT_RUN_AS_COMPOSED = {
+    "build": "the script builds the image itself, offline",
+    "image": "the script names the image it built",
+    "ports": "the container is on the host's network, on a free loopback port",
+    "healthcheck": "the image's own: the same probe, but following IGCV2_PORT instead of a fixed 8000",
+    "restart": "the script stops and starts the container itself",
+}
+
+
+def docker_run_args(service: dict[str, Any], port: int, grpc_port: int, cache_volume: str) -> list[str]:
+    """``docker run`` options that run a resolved compose service as compose would, except: on the host's
+    network at 127.0.0.1:``port`` (gRPC: ``grpc_port``), and with ``cache_volume`` for its named volume. A
+    key this does not translate fails here rather than being left out of the test."""
+    translated = {"environment", "volumes", "read_only", "tmpfs", "cap_drop", "security_opt", "stop_grace_period"}
+    untranslated = sorted(set(service) - translated - set(NOT_RUN_AS_COMPOSED))
+    assert not untranslated, f"docker_run_args does not translate the compose keys {untranslated}"
+    env = {**container_env(service), env_name("host"): "127.0.0.1"}
+    env |= {env_name("port"): str(port), env_name("grpc_port"): str(grpc_port)}
+    args = ["--network=host", *(f"--env={key}={value}" for key, value in env.items())]
+    for target, (source, mode) in mounts(service).items():
+        args.append(f"--volume={source if source.startswith('/') else cache_volume}:{target}:{mode}")
+    args += ["--read-only"] if service.get("read_only") else []
+    args += [f"--tmpfs={path}" for path in service.get("tmpfs", [])]
+    args += [f"--cap-drop={capability}" for capability in service.get("cap_drop", [])]
+    args += [f"--security-opt={option}" for option in service.get("security_opt", [])]
+    if "stop_grace_period" in service:
+        args.append(f"--stop-timeout={round(seconds(service['stop_grace_period']))}")
+    return args
+
+
 # ----------------------------------------------------------------------------- Kubernetes
 
 

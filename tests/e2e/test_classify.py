@@ -9,25 +9,19 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from live_server import LiveServer, live_server
 from prometheus_client.parser import text_string_to_metric_families
-from samples import DEFAULT_MODEL, default_model_store, encode, fashion_pngs, fashion_test_images, multipart
-
-from igcv2.artifact import load_artifact, versions
-from igcv2.evaluate import predict_logits
-from igcv2.networks import Normalized
+from samples import (
+    DEFAULT_MODEL,
+    assert_matches_offline,
+    default_model_store,
+    encode,
+    fashion_pngs,
+    multipart,
+    offline_probabilities,
+)
 
 N_IMAGES = 1000
-
-
-def offline_probabilities(store: Path, n: int) -> np.ndarray:
-    """Float32 probabilities of the served artifact, computed in-process without the service."""
-    path = store / DEFAULT_MODEL / str(versions(store / DEFAULT_MODEL)[-1])
-    artifact = load_artifact(path)
-    spec = artifact.config.input
-    logits = predict_logits(Normalized(artifact.model, spec.mean, spec.std), fashion_test_images(n)[0])
-    return torch.softmax(logits.double(), 1).numpy()
 
 
 def classify_all(server: LiveServer, pngs: list[bytes], per_request: int, concurrency: int) -> list[dict]:
@@ -53,15 +47,6 @@ def batch_histogram(server: LiveServer) -> dict[str, float]:
         for sample in family.samples
         if sample.name == "igcv2_batch_size_bucket" and sample.labels["model"] == DEFAULT_MODEL
     }
-
-
-def assert_matches_offline(results: list[dict], expected: np.ndarray) -> None:
-    assert len(results) == len(expected)
-    for i, result in enumerate(results):
-        predictions = result["predictions"]
-        assert next(p["class_id"] for p in predictions) == int(expected[i].argmax()), f"image {i}"
-        for p in predictions:
-            assert abs(p["score"] - expected[i][p["class_id"]]) < 1e-4, f"image {i} class {p['class_id']}"
 
 
 @pytest.mark.timeout(1500)  # a cold inductor cache compiles each bucket on two cores
