@@ -29,7 +29,7 @@ import torch
 from igcv2.artifact import load_artifact
 from service.config import Settings
 from service.imaging import decode_image
-from service.runtime import ModelRunner, RuntimeOptions, configure_cpu_threads, resolve_device
+from service.runtime import ModelRunner, configure_cpu_threads, resolve_device, runtime_options
 
 MIN_ITERATIONS = 3
 
@@ -51,14 +51,7 @@ def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: flo
     configure_cpu_threads(settings.cpu_threads, settings.cores)
     artifact = load_artifact(model_dir)
     batching = settings.batching_for(artifact.config.serving)
-    options = RuntimeOptions(
-        device=resolve_device(settings.device),
-        precision=settings.precision,
-        compile=settings.compile,
-        compile_mode=settings.compile_mode,
-        channels_last=settings.channels_last,
-        max_batch_size=batching["max_batch_size"],
-    )
+    options = runtime_options(settings, batching["max_batch_size"], resolve_device(settings.device))
     runner = ModelRunner(artifact, options, "ceiling")
     spec, max_pixels = artifact.config.input, settings.max_image_pixels
 
