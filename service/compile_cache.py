@@ -147,6 +147,7 @@ class CompileCache:
         """Hold ``key``'s lock while the block runs, if no other process (or runner) holds it: yields
         whether this caller has it. A read-only cache has no locks: every caller has every key."""
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root / f"{key.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
             yield True

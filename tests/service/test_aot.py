@@ -1,0 +1,350 @@
+"""Ahead-of-time compiled buckets (service/aot.py) through ModelRunner: a cold cache compiles and keeps,
+a restart loads; bad packages are replaced; changed weights, options or torch miss; processes share a
+cold cache; a read-only cache still serves; and every answer is the eager model's.
+
+Real packages of a small IGCV2 network, compiled here (about 10 s each on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from read_only import read_only
+from torch import nn
+
+from igcv2.artifact import Artifact, load_artifact, save_artifact
+from igcv2.data import load_dataset
+from igcv2.networks import Normalized
+from service.aot import AheadOfTime, PackageError, cpu_identity
+from service.compile_cache import ENTRY_FILE, PACKAGE_FILE, CompileCache
+from service.engine import softmax
+from service.runtime import ModelRunner, RuntimeOptions, serving_module
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "model_store" / "igcv2-fashion" / "1"
+CPU = torch.device("cpu")
+TINY_ARCHITECTURE = {"builder": "igcv2_fashion", "kwargs": {"stem": 8, "widths": [16], "repeats": [1], "levels": 3}}
+TINY_INPUT = {"height": 12, "width": 12, "channels": 1, "mean": [0.4], "std": [0.3]}
+MakeNet = Callable[..., nn.Module]
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def save_tiny(store: Path, net: nn.Module) -> Path:
+    """The small network as a real artifact in ``store`` (helper processes read it from there)."""
+    labels = [f"class{i}" for i in range(10)]
+    return save_artifact(
+        net, store / "tiny", name="tiny", architecture=TINY_ARCHITECTURE, labels=labels, input_spec=TINY_INPUT
+    )
+
+
+def images(n: int, seed: int, shape: tuple[int, int, int] = (12, 12, 1)) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
+
+
+def eager_logits(artifact: Artifact, batch: list[np.ndarray]) -> np.ndarray:
+    spec = artifact.config.input
+    with torch.inference_mode():
+        return Normalized(artifact.model, spec.mean, spec.std).eval()(torch.from_numpy(np.stack(batch))).numpy()
+
+
+def warmed(artifact: Artifact, cache: Path, max_batch_size: int = 2, **options: Any) -> ModelRunner:
+    runner = ModelRunner(
+        artifact, RuntimeOptions(device=CPU, max_batch_size=max_batch_size, compile_cache=cache, **options), "aot"
+    )
+    runner.executor.submit(runner.warmup).result()
+    return runner
+
+
+def assert_answers_like_eager(runner: ModelRunner, artifact: Artifact, seed: int = 0) -> None:
+    for n in runner.buckets:
+        batch = images(n, seed + n)
+        got = runner.executor.submit(runner.predict, batch).result()
+        np.testing.assert_allclose(got, eager_logits(artifact, batch), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, make_tiny_net: MakeNet) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("store"), make_tiny_net(seed=21))
+
+
+@pytest.fixture(scope="module")
+def warm_cache(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Iterator[tuple[Path, ModelRunner]]:
+    """A cache a first (cold) start filled, buckets 1 and 2, and that start's runner."""
+    cache = tmp_path_factory.mktemp("warm") / "cache"
+    runner = warmed(load_artifact(tiny), cache)
+    yield cache, runner
+    runner.close()
+
+
+def copy_of(cache: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(cache, tmp_path / "cache"))
+
+
+def entry_of(cache: Path, bucket: int) -> Path:
+    (folder,) = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith(f"tiny-v1-b{bucket}-")]
+    return folder
+
+
+def test_a_cold_start_compiles_every_bucket_and_keeps_it(warm_cache: tuple[Path, ModelRunner], tiny: Path) -> None:
+    cache, runner = warm_cache
+    assert runner.compiled is True and runner.forward is not runner.module
+    assert runner.packages == {1: "compiled", 2: "compiled"}
+    assert sorted(p.name.split("-")[2] for p in cache.iterdir() if p.is_dir()) == ["b1", "b2"]
+    assert sorted(runner.bucket_seconds) == [1, 2] and all(0 < t < 1 for t in runner.bucket_seconds.values())
+    assert_answers_like_eager(runner, load_artifact(tiny))
+
+
+def test_a_restart_loads_every_bucket_from_the_cache(warm_cache: tuple[Path, ModelRunner], tiny: Path) -> None:
+    cache, _ = warm_cache
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+    artifact = load_artifact(tiny)
+    runner = warmed(artifact, cache)
+    try:
+        assert runner.compiled is True and runner.packages == {1: "cache", 2: "cache"}
+        assert_answers_like_eager(runner, artifact, seed=100)
+    finally:
+        runner.close()
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == before, "a hit writes nothing"
+
+
+def test_cpu_packages_are_frozen(warm_cache: tuple[Path, ModelRunner], tiny: Path) -> None:
+    """As torch.compile's CPU graphs here: batch norm folded into oneDNN convolutions with prepacked
+    weights, so the compiled model holds fewer constants than the network has parameters and buffers."""
+    cache, _ = warm_cache
+    with zipfile.ZipFile(entry_of(cache, 2) / PACKAGE_FILE) as archive:
+        (wrapper,) = [n for n in archive.namelist() if n.endswith(".wrapper.cpp")]
+        code = archive.read(wrapper).decode()
+    constants = int(re.search(r"AOTInductorModelBase\(\s*\d+,\s*\d+,\s*(\d+),", code)[1])  # inputs, outputs, constants
+    network = load_artifact(tiny).model
+    assert constants < len(list(network.parameters())) + len(list(network.buffers())), constants
+    assert "mkldnn__convolution_pointwise" in code
+
+
+def test_a_corrupt_package_is_discarded_and_compiled_again(
+    warm_cache: tuple[Path, ModelRunner], tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = copy_of(warm_cache[0], tmp_path)
+    package = entry_of(cache, 2) / PACKAGE_FILE
+    package.write_bytes(package.read_bytes()[:-4096])  # truncated, as by a full disk or a killed copy
+    artifact = load_artifact(tiny)
+    with caplog.at_level(logging.WARNING, logger="igcv2.compile_cache"):
+        runner = warmed(artifact, cache)
+    try:
+        assert runner.packages == {1: "cache", 2: "compiled"}
+        assert any("discarding" in r.getMessage() and "b2" in r.getMessage() for r in caplog.records), caplog.text
+        assert_answers_like_eager(runner, artifact)
+    finally:
+        runner.close()
+    assert CompileCache(cache).lookup(runner_key(artifact, cache, 2)) is not None, "the new package is kept"
+
+
+def runner_key(artifact: Artifact, cache: Path, bucket: int, **options: Any) -> Any:
+    run = RuntimeOptions(device=CPU, compile_cache=cache, **options)
+    return AheadOfTime(serving_module(artifact, run), artifact, run, CompileCache(cache)).key(bucket)
+
+
+def test_a_package_that_passes_every_file_check_but_answers_wrongly_is_replaced(
+    warm_cache: tuple[Path, ModelRunner], tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bucket 1's package filed, with a matching entry, under bucket 2's key (as a key that left out
+    something the code depends on would): it loads, and the probe against the eager model refuses it."""
+    cache = copy_of(warm_cache[0], tmp_path)
+    one, two = entry_of(cache, 1), entry_of(cache, 2)
+    entry = json.loads((two / ENTRY_FILE).read_text())
+    shutil.copy(one / PACKAGE_FILE, two / PACKAGE_FILE)
+    entry |= {k: json.loads((one / ENTRY_FILE).read_text())[k] for k in ("size", "sha256")}
+    (two / ENTRY_FILE).write_text(json.dumps(entry))
+    artifact = load_artifact(tiny)
+    with caplog.at_level(logging.WARNING, logger="igcv2.compile_cache"):
+        runner = warmed(artifact, cache)
+    try:
+        assert runner.packages == {1: "cache", 2: "compiled"}
+        assert any("cannot serve" in r.getMessage() for r in caplog.records), caplog.text
+        assert_answers_like_eager(runner, artifact)
+    finally:
+        runner.close()
+
+
+def test_a_changed_weights_file_misses_the_cache(
+    warm_cache: tuple[Path, ModelRunner], tiny: Path, tmp_path: Path, make_tiny_net: MakeNet
+) -> None:
+    """Same model name and version, other weights (the file replaced in the store): nothing compiled
+    for the old weights may serve them."""
+    cache = copy_of(warm_cache[0], tmp_path)
+    changed = load_artifact(save_tiny(tmp_path / "store", make_tiny_net(seed=22)))
+    assert changed.config.name == "tiny" and changed.config.version == 1
+    old = load_artifact(tiny)
+    options = RuntimeOptions(device=CPU, compile_cache=cache)
+    compiler = AheadOfTime(serving_module(changed, options), changed, options, CompileCache(cache))
+    with pytest.raises(PackageError, match="differ from the eager model"):  # the old package answers wrongly
+        compiler.load(entry_of(cache, 1) / PACKAGE_FILE, 1)
+    runner = warmed(changed, cache, max_batch_size=1)
+    try:
+        assert runner.packages == {1: "compiled"}
+        assert_answers_like_eager(runner, changed)
+    finally:
+        runner.close()
+    assert CompileCache(cache).lookup(runner_key(old, cache, 1)) is not None, "the old weights' package stays"
+
+
+def test_every_input_of_the_generated_code_is_in_the_key(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifact = load_artifact(tiny)
+    base = runner_key(artifact, tmp_path, 4)
+    assert runner_key(load_artifact(tiny), tmp_path, 4) == base, "the same model and options: the same key"
+    others = {
+        "bucket": runner_key(artifact, tmp_path, 8),
+        "precision": runner_key(artifact, tmp_path, 4, precision="bfloat16"),
+        "compile mode": runner_key(artifact, tmp_path, 4, compile_mode="max-autotune-no-cudagraphs"),
+        "channels_last": runner_key(artifact, tmp_path, 4, channels_last=True),
+    }
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    others["torch version"] = runner_key(artifact, tmp_path, 4)
+    monkeypatch.undo()
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(Path("/proc/cpuinfo").read_text().replace("avx512f", "", 1))
+    monkeypatch.setattr("service.aot.cpu_identity", lambda: cpu_identity(cpuinfo))
+    others["a CPU flag"] = runner_key(artifact, tmp_path, 4)
+    for what, key in others.items():
+        assert key.name != base.name, f"{what} changes the code but not the key"
+    assert len({key.name for key in others.values()}) == len(others)
+
+
+PRECOMPILE = [sys.executable, "-m", "service.precompile"]
+
+
+def compiled_buckets(log: str) -> list[str]:
+    return re.findall(r"bucket (\d+) compiled ahead of time", log)
+
+
+def test_two_processes_filling_one_cold_cache_compile_each_bucket_once(tiny: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    command = [*PRECOMPILE, str(tiny), "--buckets", "1,2", "--cache", str(cache), "--jobs", "1", "--device", "cpu"]
+    processes = [subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], logs
+    assert sorted(compiled_buckets(logs[0]) + compiled_buckets(logs[1])) == ["1", "2"], logs  # each once
+    for log in logs:
+        assert re.search(r"tiny-v1: buckets 1, 2 in .*: \d compiled, \d were there", log), log
+    assert sorted(p.name.split("-")[2] for p in cache.iterdir() if p.is_dir()) == ["b1", "b2"]
+    assert not list(cache.glob(".tmp-*"))
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, logging, sys
+    from pathlib import Path
+    import numpy as np, torch
+    from igcv2.artifact import load_artifact
+    from igcv2.networks import Normalized
+    from service.runtime import ModelRunner, RuntimeOptions
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    artifact = load_artifact(Path(sys.argv[1]))
+    options = RuntimeOptions(device=torch.device("cpu"), max_batch_size=2, compile_cache=Path(sys.argv[2]))
+    runner = ModelRunner(artifact, options, "child")
+    runner.executor.submit(runner.warmup).result()
+    batch = [np.random.default_rng(b).integers(0, 256, (12, 12, 1), dtype=np.uint8) for b in range(2)]
+    got = runner.executor.submit(runner.predict, batch).result()
+    spec = artifact.config.input
+    with torch.inference_mode():
+        expected = Normalized(artifact.model, spec.mean, spec.std)(torch.from_numpy(np.stack(batch))).numpy()
+    print(json.dumps({"packages": runner.packages, "difference": float(np.abs(got - expected).max())}))
+    """
+)
+
+
+def test_a_read_only_cache_loads_what_it_has_and_compiles_the_rest_without_keeping_it(
+    warm_cache: tuple[Path, ModelRunner], tiny: Path, tmp_path: Path
+) -> None:
+    cache = copy_of(warm_cache[0], tmp_path)
+    shutil.rmtree(entry_of(cache, 2))
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    command = read_only(cache, [sys.executable, "-c", CHILD, str(tiny), str(cache)])
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["packages"] == {"1": "cache", "2": "compiled"} and result["difference"] <= 1e-5, result
+    assert len([line for line in run.stderr.splitlines() if "is read-only" in line]) == 1, run.stderr
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
+
+
+class DataDependent(nn.Module):
+    """A network torch.export refuses (its control flow depends on the data), torch.compile takes (a graph break)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.network(x)
+        return logits if x.mean() > 0 else -logits
+
+
+def test_an_export_failure_falls_back_to_torch_compile_loudly(
+    tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    artifact = load_artifact(tiny)
+    artifact = replace(artifact, model=DataDependent(artifact.model).eval())
+    with caplog.at_level(logging.ERROR, logger="igcv2.runtime"):
+        runner = warmed(artifact, tmp_path / "cache", max_batch_size=1)
+    try:
+        assert runner.compiled is True and runner.packages == {}
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert errors and "FALLING BACK TO torch.compile" in errors[0].getMessage() and errors[0].exc_info
+        assert_answers_like_eager(runner, artifact)
+    finally:
+        runner.close()
+
+
+def test_compile_off_runs_eager_and_never_touches_the_cache(tiny: Path, tmp_path: Path) -> None:
+    runner = warmed(load_artifact(tiny), tmp_path / "cache", compile=False)
+    try:
+        assert runner.compiled is False and runner.forward is runner.module and runner.packages == {}
+    finally:
+        runner.close()
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.timeout(1800)  # a cold cache compiles igcv2-fashion's six buckets
+def test_fashion_test_split_answers_exactly_as_the_eager_model(tmp_path: Path) -> None:
+    """The shipped model, every bucket (1..32), from the suite's own compile cache (warm after a first
+    run; the servers of the end-to-end tests load from it too): the 10,000 test images through
+    ModelRunner.predict in batches of 32 (and a last one of 16) against the float32 eager model."""
+    data = load_dataset("fashion-mnist", "test")
+    artifact = load_artifact(SHIPPED)
+    runner = warmed(artifact, ROOT / ".compile-cache", max_batch_size=32, compile_jobs=2)
+    try:
+        assert runner.compiled and sorted(runner.packages) == runner.buckets
+
+        def predict_all() -> np.ndarray:
+            return np.concatenate(
+                [runner.predict(list(data.images[i : i + 32])) for i in range(0, len(data.images), 32)]
+            )
+
+        served = softmax(runner.executor.submit(predict_all).result())
+    finally:
+        runner.close()
+    eager = softmax(
+        np.concatenate(
+            [eager_logits(artifact, list(data.images[i : i + 500])) for i in range(0, len(data.images), 500)]
+        )
+    )
+    assert len(served) == 10_000
+    assert (served.argmax(1) == eager.argmax(1)).all()
+    assert float(np.abs(served - eager).max()) <= 1e-5
