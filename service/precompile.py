@@ -114,7 +114,7 @@ def precompile(
         return False
     origins = [p.origin for p in packages.values()]
     log.info(
-        "%s: buckets %s in %s: %d compiled, %d were there (%.1f s)",
+        "%s: buckets %s in %s: %d compiled here, %d loaded from the cache (%.1f s)",
         compiler.label,
         ", ".join(map(str, buckets)),
         cache.root,

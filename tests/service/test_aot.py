@@ -241,7 +241,7 @@ def test_two_processes_filling_one_cold_cache_compile_each_bucket_once(tiny: Pat
     assert [p.returncode for p in processes] == [0, 0], logs
     assert sorted(compiled_buckets(logs[0]) + compiled_buckets(logs[1])) == ["1", "2"], logs  # each once
     for log in logs:
-        assert re.search(r"tiny-v1: buckets 1, 2 in .*: \d compiled, \d were there", log), log
+        assert re.search(r"tiny-v1: buckets 1, 2 in .*: \d compiled here, \d loaded from the cache", log), log
     assert sorted(p.name.split("-")[2] for p in cache.iterdir() if p.is_dir()) == ["b1", "b2"]
     assert not list(cache.glob(".tmp-*"))
 
