@@ -296,14 +296,14 @@ class CudaGraphed:
         return self.output
 
 
-def by_bucket(packages: dict[int, Package]) -> Forward:
+class ByBucket:
     """One forward for every bucket: batches are padded to a bucket, so the batch size picks the package."""
-    forwards = {bucket: package.forward for bucket, package in packages.items()}
 
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        return forwards[batch.shape[0]](batch)
+    def __init__(self, packages: dict[int, Package]) -> None:
+        self.forwards = {bucket: package.forward for bucket, package in packages.items()}
 
-    return forward
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.forwards[batch.shape[0]](batch)
 
 
 def same_on_disk(artifact: Artifact) -> bool:

@@ -201,7 +201,7 @@ class ModelRunner:
         try:
             compiler = aot.AheadOfTime(self.module, self.artifact, self.options, CompileCache(cache))
             packages = compiler.packages(self.buckets, self.options.compile_jobs)
-            self.forward = aot.by_bucket(packages)
+            self.forward = aot.ByBucket(packages)
             self._run_buckets()
         except Exception:
             log.exception("ahead-of-time compile FAILED (mode=%s); FALLING BACK TO torch.compile", self.options.mode)
