@@ -206,8 +206,8 @@ class AheadOfTime:
                     program, package_path=str(workspace / PACKAGE_FILE), inductor_configs=dict(self.configs)
                 )
             seconds = time.perf_counter() - started
+            forward = self.load(workspace / PACKAGE_FILE, bucket)  # checked before it is kept (the loader copies it)
             stored = self.cache.store(key, workspace, compile_s=round(seconds, 2))
-            forward = self.load(stored or workspace / PACKAGE_FILE, bucket)  # before the workspace goes
         log.info(
             "%s: bucket %d compiled ahead of time in %.1f s%s",
             self.label,
