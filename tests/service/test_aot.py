@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 from read_only import read_only
+from reference import eager_logits, images
 from torch import nn
 
 from igcv2.artifact import Artifact, load_artifact, save_artifact
 from igcv2.data import load_dataset
-from igcv2.networks import Normalized
 from service.aot import AheadOfTime, PackageError, cpu_identity
 from service.compile_cache import ENTRY_FILE, PACKAGE_FILE, CompileCache
 from service.engine import softmax
@@ -51,17 +51,6 @@ def save_tiny(store: Path, net: nn.Module) -> Path:
     )
 
 
-def images(n: int, seed: int, shape: tuple[int, int, int] = (12, 12, 1)) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
-
-
-def eager_logits(artifact: Artifact, batch: list[np.ndarray]) -> np.ndarray:
-    spec = artifact.config.input
-    with torch.inference_mode():
-        return Normalized(artifact.model, spec.mean, spec.std).eval()(torch.from_numpy(np.stack(batch))).numpy()
-
-
 def warmed(artifact: Artifact, cache: Path, max_batch_size: int = 2, **options: Any) -> ModelRunner:
     runner = ModelRunner(
         artifact, RuntimeOptions(device=CPU, max_batch_size=max_batch_size, compile_cache=cache, **options), "aot"
@@ -72,7 +61,7 @@ def warmed(artifact: Artifact, cache: Path, max_batch_size: int = 2, **options: 
 
 def assert_answers_like_eager(runner: ModelRunner, artifact: Artifact, seed: int = 0) -> None:
     for n in runner.buckets:
-        batch = images(n, seed + n)
+        batch = images(n, seed=seed + n)
         got = runner.executor.submit(runner.predict, batch).result()
         np.testing.assert_allclose(got, eager_logits(artifact, batch), rtol=0, atol=1e-5)
 
