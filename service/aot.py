@@ -18,8 +18,12 @@ Why it is shaped like this:
 * Packages load through ``torch._C._aoti.AOTIModelPackageLoader``, the loader ``aoti_load_package`` ends
   in: that wrapper first probes the CPU's vector ISA by compiling and loading test programs in
   subprocesses (2.5 s at every process start) and reads any exported program found in the archive.
-* A cold cache compiles its buckets in parallel: helper processes (``python -m service.precompile``)
-  and this one take buckets under the cache's per-key locks, as other workers and replicas do.
+* A package costs about 1.4x torch.compile's CPU time per bucket (AOTInductor's runtime is compiled into
+  each: 6 s of C++ for even a trivial model), so a server that misses does not wait for them: it serves
+  with torch.compile, as before, and a background process (``python -m service.precompile``, at the
+  lowest CPU priority) fills the cache for its next start. ``python -m service.precompile`` itself
+  compiles in the foreground, with helper processes taking buckets under the cache's per-key locks, as
+  other workers and replicas do.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 # torch.export and inductor change process-wide state while they work: one compilation at a time here
 # (other instances of the model wait; other processes compile other buckets meanwhile).
 _compiling = threading.Lock()
+_filling: dict[tuple[str, ...], subprocess.Popen[bytes]] = {}  # background compiles, by the entries they make
 
 
 class PackageError(RuntimeError):
@@ -164,6 +169,48 @@ class AheadOfTime:
     def key(self, bucket: int) -> CacheKey:
         return CacheKey(f"{self.label}-b{bucket}", {**self.key_fields, "bucket": bucket})
 
+    def cached(self, buckets: list[int]) -> dict[int, Package]:
+        """The checked packages the cache holds for ``buckets`` (a bad one is discarded, and missing)."""
+        packages = {}
+        for bucket in buckets:
+            key = self.key(bucket)
+            if (path := self.cache.lookup(key)) is None:
+                continue
+            try:
+                packages[bucket] = Package(self.load(path, bucket), "cache")
+            except Exception as exc:  # a package that cannot serve is never fatal: compiled again
+                self.cache.discard(key, f"cannot serve: {exc}")
+        return packages
+
+    def fill_in_background(self, buckets: list[int], jobs: int) -> subprocess.Popen[bytes] | None:
+        """Start compiling ``buckets`` into the cache in a background process (lowest CPU priority, with
+        ``jobs`` processes in all): None where the packages could not be kept or the model cannot be
+        read from its store as it is here."""
+        if not self.cache.writable:
+            self.cache.warn_read_only()
+            return None
+        if not same_on_disk(self.artifact):
+            log.warning("%s: not in its store as loaded; no packages compiled for it", self.label)
+            return None
+        names = tuple(str(self.cache.entry(self.key(b))) for b in buckets)
+        if (running := _filling.get(names)) is not None and running.poll() is None:
+            return None  # another instance of this model started it
+        log.info("%s: compiling the packages of buckets %s in the background", self.label, buckets)
+        command = [*self._precompile_command(buckets, jobs), "--background"]
+        _filling[names] = process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        return process
+
+    def _precompile_command(self, buckets: list[int], jobs: int) -> list[str]:
+        """``python -m service.precompile`` for ``buckets`` of this model, device and options, a child of
+        this process (it ends when this one does)."""
+        return [
+            *(sys.executable, "-m", "service.precompile", str(self.artifact.path)),
+            *("--device", str(self.device), "--precision", precision_name(self.options.dtype)),
+            *("--compile-mode", self.mode, "--buckets", ",".join(map(str, buckets))),
+            *("--cache", str(self.cache.root), "--jobs", str(jobs), "--parent", str(os.getpid())),
+            "--channels-last" if self.options.channels_last else "--no-channels-last",
+        ]
+
     def packages(self, buckets: list[int], jobs: int = 1) -> dict[int, Package]:
         """A checked package for every bucket: loaded where the cache has it, else compiled and stored.
         A bucket another process is compiling is waited for, while this one compiles the others;
@@ -257,14 +304,7 @@ class AheadOfTime:
         for i in range(count):
             start = i * len(largest_first) // count
             order = largest_first[start:] + largest_first[:start]
-            command = [
-                *(sys.executable, "-m", "service.precompile", str(self.artifact.path)),
-                *("--device", str(self.device), "--precision", precision_name(self.options.dtype)),
-                *("--compile-mode", self.mode, "--buckets", ",".join(map(str, order))),
-                *("--cache", str(self.cache.root), "--jobs", "1", "--parent", str(os.getpid())),
-                "--channels-last" if self.options.channels_last else "--no-channels-last",
-            ]
-            helpers.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
+            helpers.append(subprocess.Popen(self._precompile_command(order, 1), stdin=subprocess.DEVNULL))
         log.info("%s: %d helper process(es) compiling buckets %s too", self.label, count, largest_first)
         return helpers
 
@@ -318,7 +358,7 @@ def same_on_disk(artifact: Artifact) -> bool:
 
 
 def stop(helpers: list[subprocess.Popen[bytes]]) -> None:
-    """End helper processes still running (every bucket is there: they have nothing left to do)."""
+    """End compiling processes still running (they clean up after themselves on SIGTERM)."""
     for helper in helpers:
         if helper.poll() is None:
             helper.terminate()
@@ -329,4 +369,4 @@ def stop(helpers: list[subprocess.Popen[bytes]]) -> None:
             helper.kill()
             code = helper.wait()
         if code not in (0, -15, 143):
-            log.warning("a compile helper (pid %d) exited with %s: its buckets were compiled here", helper.pid, code)
+            log.warning("a compiling process (pid %d) exited with %s (its log says why)", helper.pid, code)

@@ -41,6 +41,7 @@ ENTRY_FILE = "entry.json"
 PACKAGE_MEMBERS = ("archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id")
 PACKAGE_CODE = "data/aotinductor/"
 STALE_TEMP_S = 3600.0  # a temporary folder this old belongs to a writer that died: removed by the next writer
+_warned_read_only: set[Path] = set()  # caches this process said it cannot write (once each)
 
 
 class EntryError(ValueError):
@@ -66,7 +67,6 @@ class CacheKey:
 class CompileCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._warned_read_only = False
 
     def entry(self, key: CacheKey) -> Path:
         return self.root / key.name
@@ -98,7 +98,7 @@ class CompileCache:
             self.root.mkdir(parents=True, exist_ok=True)
             folder = Path(tempfile.mkdtemp(prefix=f".tmp-{key.name}-", dir=self.root))
         except OSError as exc:
-            self._warn_read_only(exc)
+            self.warn_read_only(exc)
             folder = Path(tempfile.mkdtemp(prefix="igcv2-aot-"))
         try:
             yield folder
@@ -124,7 +124,7 @@ class CompileCache:
                     raise
                 return self.lookup(key)  # theirs, checked; None if bad (then ours, still in the workspace, serves)
         except OSError as exc:
-            self._warn_read_only(exc)
+            self.warn_read_only(exc)
             return None
         self._remove_stale_temporaries()
         return final / PACKAGE_FILE
@@ -138,7 +138,7 @@ class CompileCache:
         except FileNotFoundError:  # another process discarded it first
             return
         except OSError as exc:
-            self._warn_read_only(exc)
+            self.warn_read_only(exc)
             return
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -162,13 +162,14 @@ class CompileCache:
         finally:
             os.close(fd)  # releases the lock
 
-    def _warn_read_only(self, exc: OSError) -> None:
-        if not self._warned_read_only:
-            self._warned_read_only = True
+    def warn_read_only(self, exc: OSError | None = None) -> None:
+        """Say once that this cache cannot keep packages (``exc``: what writing it answered)."""
+        if self.root not in _warned_read_only:
+            _warned_read_only.add(self.root)
             log.warning(
-                "compile cache %s is read-only (%s): packages it lacks are compiled at every start and not kept",
+                "compile cache %s is read-only%s: packages it lacks are compiled at every start and not kept",
                 self.root,
-                exc.strerror or exc,
+                f" ({exc.strerror or exc})" if exc else "",
             )
 
     def _remove_stale_temporaries(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
@@ -54,6 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     sizes.add_argument("--buckets", type=bucket_list, help="exactly these batch sizes, comma-separated")
     parser.add_argument("--cache", type=Path, help="default: IGCV2_COMPILE_CACHE")
     parser.add_argument("--jobs", type=int, help="buckets compiled at once, in as many processes (default: the cores)")
+    parser.add_argument("--background", action="store_true", help="at the lowest CPU priority")
     parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # a helper of this server process
     return parser.parse_args(argv)
 
@@ -61,7 +63,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     settings = Settings()
-    role = "precompile helper" if args.parent else "precompile"
+    role = "precompile, background" if args.background else "precompile"
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s"
     )
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM unwinds: the package being compiled goes, with its temporary folder and the compiler.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(1)  # compiling is one thread's work (and its C++ compiler's)
+    if args.background:
+        os.nice(19)  # its helpers and compilers inherit it: the server's own work always comes first
     cache = CompileCache(args.cache or settings.compile_cache)
     if not cache.writable:
         print(f"cannot write to the compile cache {cache.root}", file=sys.stderr)

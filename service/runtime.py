@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -139,7 +140,8 @@ class ModelRunner:
         )
         self.artifact = artifact
         self.compiled = False
-        self.packages: dict[int, str] = {}  # bucket -> where its ahead-of-time package came from: cache, compiled
+        self.packages: dict[int, str] = {}  # bucket -> where its ahead-of-time package came from (the cache)
+        self.filling: subprocess.Popen[bytes] | None = None  # compiling the packages the cache lacked
         self.bucket_seconds: dict[int, float] = {}  # median seconds of one call per bucket, from warm-up
         self.module = serving_module(artifact, options)
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.module
@@ -197,24 +199,30 @@ class ModelRunner:
         return time.perf_counter() - started
 
     def _warm_up_ahead_of_time(self, cache: Path) -> None:
+        """Serve the packages of the compile cache when it holds every bucket's. Otherwise this start
+        compiles with torch.compile, as before (a package costs more CPU than its graph), and a
+        background process fills the cache for the next one."""
         started = time.perf_counter()
         try:
             compiler = aot.AheadOfTime(self.module, self.artifact, self.options, CompileCache(cache))
-            packages = compiler.packages(self.buckets, self.options.compile_jobs)
+            packages = compiler.cached(self.buckets)
+            if missing := [b for b in self.buckets if b not in packages]:
+                log.info(
+                    "%s: the compile cache lacks buckets %s: torch.compile serves this start", compiler.label, missing
+                )
+                self.filling = compiler.fill_in_background(missing, self.options.compile_jobs)
+                return
             self.forward = aot.ByBucket(packages)
             self._run_buckets()
         except Exception:
-            log.exception("ahead-of-time compile FAILED (mode=%s); FALLING BACK TO torch.compile", self.options.mode)
+            log.exception("ahead-of-time packages FAILED (mode=%s); FALLING BACK TO torch.compile", self.options.mode)
             self.forward = self.module
             return
         self.compiled, self.packages = True, {b: p.origin for b, p in packages.items()}
-        origins = [p.origin for p in packages.values()]
         log.info(
-            "%s: ahead-of-time packages for buckets %s: %d from the compile cache, %d compiled (%.2f s)",
+            "%s: ahead-of-time packages of buckets %s loaded from the compile cache (%.2f s)",
             compiler.label,
             ", ".join(map(str, self.buckets)),
-            origins.count("cache"),
-            origins.count("compiled"),
             time.perf_counter() - started,
         )
 
@@ -249,7 +257,10 @@ class ModelRunner:
         return self.predict(inputs) if inputs[0].dtype == np.uint8 else self.predict_normalized(inputs)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the inference thread: after its current call, or, without ``wait``, whenever that returns."""
+        """Stop the inference thread: after its current call, or, without ``wait``, whenever that returns;
+        and the background compile, if it is still going."""
+        if self.filling is not None:
+            aot.stop([self.filling])
         self.executor.shutdown(wait=wait)
 
 

@@ -59,9 +59,9 @@ def test_precompiled_cache_serves_every_worker_without_a_compile(tmp_path: Path)
         with httpx.Client(base_url=server.url, timeout=60) as client:
             answers = [client.post("/classify", files=multipart([png])).json() for png in fashion_pngs(N_IMAGES)]
         log = server.log()
-    loads = re.findall(r"ahead-of-time packages for buckets 1, 2: (\d) from the compile cache, (\d) compiled", log)
-    assert loads == [("2", "0"), ("2", "0")], log[-4000:]  # one line per worker
-    assert "compiled ahead of time" not in log
+    loads = re.findall(r"ahead-of-time packages of buckets 1, 2 loaded from the compile cache", log)
+    assert len(loads) == 2, log[-4000:]  # one line per worker
+    assert "torch.compile serves" not in log and "compiled ahead of time" not in log
     served = [a["results"][0]["predictions"][0]["class_id"] for a in answers]
     assert served == offline_top1(store, N_IMAGES)
     assert all(a["model"] == DEFAULT_MODEL for a in answers)
