@@ -85,7 +85,7 @@ torch.cuda.get_device_name(), platform.python_version())"; nproc; } 2>&1 | tee "
   coldstart)
     stamp coldstart
     # shellcheck disable=SC2046
-    timeout 240 python -m benchmarks.startup --rounds 1 --workers 1 --out "$work/coldstart" \
+    timeout 420 python -m benchmarks.startup --rounds 1 --workers 1 --out "$work/coldstart" \
       $(sed 's/\(IGCV2_[A-Z_]*=[^ ]*\)/--server-env \1/g' "$setting") 2>&1 | tail -n 20 | tee "$work/coldstart.log"
     ;;
   serve)
