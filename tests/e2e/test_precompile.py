@@ -1,6 +1,7 @@
 """Precompiling ahead of time, then serving: ``python -m service.precompile`` fills an empty compile cache
-(helper processes compiling buckets in parallel), and a server with IGCV2_WORKERS=2 started on it has
-every worker load every bucket, none compile, and answer as the eager model does."""
+(helper processes compiling buckets in parallel), and a server with IGCV2_WORKERS=2 started on it loads
+every bucket (its model executor; the front-ends hold no model), compiles none, and answers as the eager
+model does."""
 
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ def test_precompiled_cache_serves_every_worker_without_a_compile(tmp_path: Path)
         with httpx.Client(base_url=server.url, timeout=60) as client:
             answers = [client.post("/classify", files=multipart([png])).json() for png in fashion_pngs(N_IMAGES)]
         log = server.log()
-    loads = re.findall(r"ahead-of-time packages of buckets 1, 2 loaded from the compile cache", log)
-    assert len(loads) == 2, log[-4000:]  # one line per worker
+    loads = re.findall(r".*ahead-of-time packages of buckets 1, 2 loaded from the compile cache.*", log)
+    assert len(loads) == 1, log[-4000:]  # by the executor: the front-ends hold no model
     assert "torch.compile serves" not in log and "compiled ahead of time" not in log
     served = [a["results"][0]["predictions"][0]["class_id"] for a in answers]
     assert served == offline_top1(store, N_IMAGES)
