@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -72,9 +73,21 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, make_tiny_net: MakeNet) -> Pa
     return save_tiny(tmp_path_factory.mktemp("store"), make_tiny_net(seed=21))
 
 
+def niceness(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    except (OSError, IndexError):
+        return None
+
+
 def filled(runner: ModelRunner) -> int:
-    """Wait for the runner's background compile; its exit code."""
+    """Wait for the runner's background compile, which must run at the lowest CPU priority; its exit code."""
     assert runner.filling is not None, "nothing compiles the missing packages"
+    seen = set()
+    while runner.filling.poll() is None and 19 not in seen:
+        seen.add(niceness(runner.filling.pid))
+        time.sleep(0.05)
+    assert 19 in seen, f"never at nice 19: {seen}"
     return runner.filling.wait(timeout=600)
 
 
@@ -139,19 +152,19 @@ def test_a_corrupt_package_is_discarded_and_compiled_again(
     warm_cache: tuple[Path, ModelRunner], tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = copy_of(warm_cache[0], tmp_path)
-    package = entry_of(cache, 2) / PACKAGE_FILE
+    package = entry_of(cache, 1) / PACKAGE_FILE
     package.write_bytes(package.read_bytes()[:-4096])  # truncated, as by a full disk or a killed copy
     artifact = load_artifact(tiny)
     with caplog.at_level(logging.WARNING, logger="igcv2.compile_cache"):
-        runner = warmed(artifact, cache)
+        runner = warmed(artifact, cache, max_batch_size=1)
     try:
         assert runner.compiled and runner.packages == {}, "torch.compile serves a start the cache cannot"
-        assert any("discarding" in r.getMessage() and "b2" in r.getMessage() for r in caplog.records), caplog.text
+        assert any("discarding" in r.getMessage() and "b1" in r.getMessage() for r in caplog.records), caplog.text
         assert_answers_like_eager(runner, artifact)
         assert filled(runner) == 0
     finally:
         runner.close()
-    assert CompileCache(cache).lookup(runner_key(artifact, cache, 2)) is not None, "a new package took its place"
+    assert CompileCache(cache).lookup(runner_key(artifact, cache, 1)) is not None, "a new package took its place"
 
 
 def runner_key(artifact: Artifact, cache: Path, bucket: int, **options: Any) -> Any:
@@ -270,7 +283,7 @@ CHILD = textwrap.dedent(
     batch = [np.random.default_rng(b).integers(0, 256, (12, 12, 1), dtype=np.uint8) for b in range(2)]
     with torch.inference_mode():
         expected = Normalized(artifact.model, spec.mean, spec.std)(torch.from_numpy(np.stack(batch))).numpy()
-    for max_batch_size in (2, 4, 4):  # the cache holds buckets 1 and 2, not 4
+    for max_batch_size in (2, 4):  # the cache holds buckets 1 and 2, not 4
         options = RuntimeOptions(torch.device("cpu"), max_batch_size=max_batch_size, compile_cache=Path(sys.argv[2]))
         runner = ModelRunner(artifact, options, "child")
         runner.executor.submit(runner.warmup).result()
@@ -286,14 +299,14 @@ def test_a_read_only_cache_loads_what_it_has_and_never_writes(
     warm_cache: tuple[Path, ModelRunner], tiny: Path, tmp_path: Path
 ) -> None:
     """Every bucket there: loaded. One missing: torch.compile serves, nothing is compiled in the background
-    (it could not be kept), and the warning says so once."""
+    (it could not be kept), and a warning says so (once a process: tests/service/test_compile_cache.py)."""
     cache = copy_of(warm_cache[0], tmp_path)
     before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
     command = read_only(cache, [sys.executable, "-c", CHILD, str(tiny), str(cache)])
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     results = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [r["packages"] for r in results] == [{"1": "cache", "2": "cache"}, {}, {}], results
+    assert [r["packages"] for r in results] == [{"1": "cache", "2": "cache"}, {}], results
     assert not any(r["filling"] for r in results) and all(r["difference"] <= 1e-5 for r in results), results
     assert len([line for line in run.stderr.splitlines() if "is read-only" in line]) == 1, run.stderr
     assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
