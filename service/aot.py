@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch._inductor
 from torch import nn
 
 from igcv2.artifact import WEIGHTS_FILE, Artifact, ArtifactError, read_config, sha256_file
@@ -78,7 +77,10 @@ class Package:
 
 def inductor_configs(device: torch.device, mode: str) -> dict[str, Any]:
     """Inductor options of the packages: the compile mode's, less CUDA graphs (captured around the loaded
-    package instead), and freezing on CPU (benchmarks/RESULTS.md, runs I and J)."""
+    package instead), and freezing on CPU (benchmarks/RESULTS.md, runs I and J). Imported here, not at
+    the top: inductor brings dynamo (a second of every start), which loading packages never needs."""
+    import torch._inductor
+
     configs = {k: v for k, v in torch._inductor.list_mode_options(mode).items() if k != "triton.cudagraphs"}
     return configs | ({"freezing": True} if device.type == "cpu" else {})
 
@@ -88,7 +90,11 @@ def precision_name(dtype: torch.dtype) -> str:
 
 
 def uses_cuda_graphs(device: torch.device, mode: str) -> bool:
-    return device.type == "cuda" and bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs"))
+    if device.type != "cuda":
+        return False
+    import torch._inductor
+
+    return bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs"))
 
 
 def device_identity(device: torch.device) -> dict[str, Any]:
@@ -148,7 +154,6 @@ class AheadOfTime:
         self.device, self.mode = options.device, options.mode
         self.label = f"{artifact.config.name}-v{artifact.config.version}"
         self.input_shape = (spec.height, spec.width, spec.channels)
-        self.configs = inductor_configs(self.device, self.mode)
         self.cuda_graphs = uses_cuda_graphs(self.device, self.mode)
         self.key_fields = {
             "format": FORMAT,
@@ -159,8 +164,8 @@ class AheadOfTime:
             "input": {"dtype": "uint8", "shape_nhwc": list(self.input_shape), "mean": spec.mean, "std": spec.std},
             "precision": precision_name(options.dtype),
             "channels_last": options.channels_last,
-            "mode": self.mode,
-            "inductor": dict(self.configs),  # a copy: inductor adds its own to the dict it is given
+            "mode": self.mode,  # with torch's version, it gives inductor's options (inductor_configs)
+            "freezing": self.device.type == "cpu",
             "device": device_identity(self.device),
             "torch": torch.__version__,
             "torch_git": torch.version.git_version,
@@ -247,10 +252,11 @@ class AheadOfTime:
         with self.cache.workspace(key) as workspace:
             started = time.perf_counter()
             example = torch.zeros((bucket, *self.input_shape), dtype=torch.uint8, device=self.device)
+            configs = inductor_configs(self.device, self.mode)
             with _compiling, torch.no_grad():
                 program = torch.export.export(self.module, (example,))
                 torch._inductor.aoti_compile_and_package(
-                    program, package_path=str(workspace / PACKAGE_FILE), inductor_configs=dict(self.configs)
+                    program, package_path=str(workspace / PACKAGE_FILE), inductor_configs=configs
                 )
             seconds = time.perf_counter() - started
             forward = self.load(workspace / PACKAGE_FILE, bucket)  # checked before it is kept (the loader copies it)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch._inductor.config
 from torch import nn
 
 from igcv2.artifact import Artifact
@@ -136,7 +135,9 @@ class ModelRunner:
         self.input_shape = (spec.height, spec.width, spec.channels)
         self.num_classes = len(artifact.config.labels)
         self.executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"infer-{name}", initializer=own_cuda_graph_trees
+            max_workers=1,
+            thread_name_prefix=f"infer-{name}",
+            initializer=own_cuda_graph_trees if self.device.type == "cuda" else None,
         )
         self.artifact = artifact
         self.compiled = False
@@ -227,6 +228,10 @@ class ModelRunner:
         )
 
     def _warm_up_compiled(self) -> None:
+        # Here, not at the top: dynamo and inductor cost a second of every start that loads packages.
+        import torch._dynamo
+        import torch._inductor.config
+
         try:
             # Process-wide, and other runners warm up at the same time: raise it, never lower it.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.buckets))

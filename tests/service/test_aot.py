@@ -289,7 +289,9 @@ CHILD = textwrap.dedent(
         runner.executor.submit(runner.warmup).result()
         got = runner.executor.submit(runner.predict, batch).result()
         difference = float(np.abs(got - expected).max())
-        print(json.dumps({"packages": runner.packages, "filling": bool(runner.filling), "difference": difference}))
+        dynamo = any(m.startswith("torch._dynamo") for m in sys.modules)  # a second of every start, when imported
+        print(json.dumps({"packages": runner.packages, "filling": bool(runner.filling), "difference": difference,
+                          "dynamo": dynamo}))
         runner.close()
     """
 )
@@ -308,6 +310,7 @@ def test_a_read_only_cache_loads_what_it_has_and_never_writes(
     results = [json.loads(line) for line in run.stdout.splitlines()]
     assert [r["packages"] for r in results] == [{"1": "cache", "2": "cache"}, {}], results
     assert not any(r["filling"] for r in results) and all(r["difference"] <= 1e-5 for r in results), results
+    assert [r["dynamo"] for r in results] == [False, True], "loading packages needs neither dynamo nor inductor"
     assert len([line for line in run.stderr.splitlines() if "is read-only" in line]) == 1, run.stderr
     assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
 

@@ -18,7 +18,14 @@ from torch._inductor.utils import run_and_get_code
 
 from igcv2.artifact import Artifact
 from service.config import Settings
-from service.runtime import ModelRunner, RuntimeOptions, buckets_for, resolve_device, runtime_options
+from service.runtime import (
+    ModelRunner,
+    RuntimeOptions,
+    buckets_for,
+    own_cuda_graph_trees,
+    resolve_device,
+    runtime_options,
+)
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -264,9 +271,9 @@ def test_warmup_runs_every_bucket(make_tiny_artifact: MakeArtifact) -> None:
     assert sorted(set(sizes)) == [1, 2, 4, 5] and all(sizes.count(b) >= 3 for b in (1, 2, 4, 5))
 
 
-def test_every_inference_thread_gets_its_own_cuda_graph_trees(eager_runner: tuple[Artifact, ModelRunner]) -> None:
+def test_every_inference_thread_gets_its_own_cuda_graph_trees() -> None:
     """torch < 2.13 set up inductor's CUDA-graph trees only in the importing thread (here: this one);
-    a plain thread lacks them, a runner's inference thread must have them."""
+    a plain thread lacks them, a CUDA runner's inference thread (this initializer) must have them."""
     from torch._inductor import cudagraph_trees
 
     def has_trees() -> bool:
@@ -274,5 +281,5 @@ def test_every_inference_thread_gets_its_own_cuda_graph_trees(eager_runner: tupl
 
     with ThreadPoolExecutor(1) as plain:
         assert not plain.submit(has_trees).result()
-    _, runner = eager_runner
-    assert runner.executor.submit(has_trees).result()
+    with ThreadPoolExecutor(1, initializer=own_cuda_graph_trees) as inference:
+        assert inference.submit(has_trees).result()
