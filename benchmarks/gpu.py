@@ -10,8 +10,7 @@
 Every setting compiles in its own process, all at once (compilation is CPU work), then each is
 measured alone while the others wait, so the timings never share the GPU or the CPU.
 
-``coldstart``: seconds from ``python -m service`` to ``/health/ready`` with an empty inductor
-cache and again with the cache the first start left (the cache volume of docker-compose.yml).
+Start-up times (cold and warm compile cache, torch.compile) are ``python -m benchmarks.startup``'s.
 """
 
 from __future__ import annotations
@@ -30,13 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.server import ROOT, Service
+from benchmarks.server import ROOT
 from benchmarks.workloads import BUNDLED_STORE, fashion_pngs, latest_version_dir, photo_jpegs, untrained_imagenet
 
-SETTINGS = [  # (compile mode or "eager", precision, channels_last)
+SETTINGS = [  # (compile mode or "eager", precision, channels_last); "aot:" + mode: ahead-of-time packages
     ("eager", "float16", False),
     ("default", "float16", False),
     ("reduce-overhead", "float16", False),
+    ("aot:reduce-overhead", "float16", False),
     ("max-autotune", "float16", False),
     ("reduce-overhead", "bfloat16", False),
     ("reduce-overhead", "float16", True),
@@ -160,6 +160,7 @@ def child(config: dict[str, Any]) -> int:
             .softmax(1)
             .numpy()
         )
+    aot, mode = mode.startswith("aot:"), mode.removeprefix("aot:")
     options = RuntimeOptions(
         device=torch.device(config["device"]),
         precision=precision,
@@ -167,6 +168,7 @@ def child(config: dict[str, Any]) -> int:
         compile_mode=mode if mode != "eager" else "default",
         channels_last=channels_last,
         max_batch_size=buckets[-1],
+        compile_cache=Path(tempfile.mkdtemp(prefix="aot-compare-")) if aot else None,  # empty: compile times are cold
     )
     runner = ModelRunner(artifact, options, name="compare")
     runner.buckets = buckets  # only the buckets compared (host buffers exist for every power of two)
@@ -176,6 +178,7 @@ def child(config: dict[str, Any]) -> int:
         **{k: config[k] for k in ("model", "mode", "precision", "channels_last")},
         "compile_s": time.perf_counter() - started,
         "compiled": runner.compiled,
+        "aot_packages": runner.packages,
     }
     print("compiled", json.dumps(result), flush=True)
     if sys.stdin.readline().strip() != "go":
@@ -332,31 +335,6 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def coldstart(args: argparse.Namespace) -> dict[str, Any]:
-    """Startup to ready, twice, sharing one (initially empty) inductor cache."""
-    cache = tempfile.mkdtemp(prefix="inductor-coldstart-")
-    store = BUNDLED_STORE
-    model = "igcv2-fashion"
-    env = {"TORCHINDUCTOR_CACHE_DIR": cache, **dict(e.split("=", 1) for e in args.server_env)}
-    starts = []
-    for label in ("empty cache", "warm cache"):
-        svc = Service(store, model, env, args.out / f"coldstart-{len(starts)}.log", label)
-        with svc:
-            svc.start(args.ready_timeout)
-            described = svc.describe()
-        starts.append(
-            {
-                "cache": label,
-                "ready_s": svc.startup_s,
-                "warmup_s": described.get("warmup_s"),
-                "device": described.get("device"),
-                "compile_mode": described.get("compile_mode"),
-            }
-        )
-        print(json.dumps(starts[-1]), flush=True)
-    return {"model": model, "server_env": env, "starts": starts}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -367,23 +345,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--modes",
         default="eager,default,reduce-overhead",
-        help="comma-separated; add max-autotune to compare it (minutes of compilation per bucket)",
+        help="comma-separated; add max-autotune to compare it (minutes of compilation per bucket), and "
+        "aot:reduce-overhead for ahead-of-time packages replayed as CUDA graphs (the service's default)",
     )
     p.add_argument("--buckets", type=lambda s: [int(v) for v in s.split(",")], help="override the buckets")
     p.add_argument("--seconds", type=float, default=0.5, help="timed seconds per bucket")
     p.add_argument("--compile-timeout", type=float, default=240.0, help="seconds all settings get to compile")
     p.add_argument("--compile-threads", type=int, default=4, help="inductor compile workers per setting")
-    c = sub.add_parser("coldstart", help="seconds to /health/ready, empty then warm inductor cache")
-    c.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "gpu")
-    c.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE")
-    c.add_argument("--ready-timeout", type=float, default=600.0)
     k = sub.add_parser("child", help=argparse.SUPPRESS)
     k.add_argument("config")
     args = parser.parse_args(argv)
     if args.command == "child":
         return child(json.loads(args.config))
     args.out.mkdir(parents=True, exist_ok=True)
-    result = compare(args) if args.command == "compare" else coldstart(args)
+    result = compare(args)
     (args.out / f"{args.command}.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -6,7 +6,8 @@
 #     compare    python -m benchmarks.gpu compare: floor, compile modes, fp16/bf16, channels_last;
 #                picks the fastest setting with full top-1 agreement for the stages after it
 #     tests      tests/service/test_runtime_cuda.py under that setting
-#     coldstart  seconds to /health/ready, empty then warm inductor cache
+#     coldstart  seconds to /health/ready: torch.compile, ahead-of-time packages into an empty compile
+#                cache, and loading them again (python -m benchmarks.startup, one round)
 #     serve      python -m benchmarks.run on the GPU: igcv2-fashion (PNG), the ImageNet preset with
 #                photos as JPEG at 224x224, and at camera size 1024x768 (8 images per request)
 #     workers    the batching sweep alone (--mode sweep) for igcv2-fashion and the ImageNet preset at
@@ -41,7 +42,7 @@ import json, sys
 runs = [r for r in json.load(open(sys.argv[1]))["runs"] if r["model"] == "fashion" and "buckets" in r
         and r["mode"] != "eager" and (r["top1_agreement"] or 0) >= 0.995]
 best = max(runs, key=lambda r: next(b["images_per_s"] for b in r["buckets"] if b["batch"] == 32))
-print(f"IGCV2_COMPILE_MODE={best['mode']} IGCV2_PRECISION={best['precision']} "
+print(f"IGCV2_COMPILE_MODE={best['mode'].removeprefix('aot:')} IGCV2_PRECISION={best['precision']} "
       f"IGCV2_CHANNELS_LAST={str(best['channels_last']).lower()}")
 EOF
   [ -s "$setting.new" ] && mv "$setting.new" "$setting"
@@ -84,7 +85,7 @@ torch.cuda.get_device_name(), platform.python_version())"; nproc; } 2>&1 | tee "
   coldstart)
     stamp coldstart
     # shellcheck disable=SC2046
-    timeout 75 python -m benchmarks.gpu coldstart --out "$work/coldstart" \
+    timeout 420 python -m benchmarks.startup --rounds 1 --workers 1 --out "$work/coldstart" \
       $(sed 's/\(IGCV2_[A-Z_]*=[^ ]*\)/--server-env \1/g' "$setting") 2>&1 | tail -n 20 | tee "$work/coldstart.log"
     ;;
   serve)

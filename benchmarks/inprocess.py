@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from igcv2.artifact import load_artifact
 from service.config import Settings
 from service.imaging import decode_image
-from service.runtime import ModelRunner, RuntimeOptions, configure_cpu_threads, resolve_device
+from service.runtime import ModelRunner, configure_cpu_threads, resolve_device, runtime_options
 
 MIN_ITERATIONS = 3
 
@@ -51,14 +52,7 @@ def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: flo
     configure_cpu_threads(settings.cpu_threads, settings.cores)
     artifact = load_artifact(model_dir)
     batching = settings.batching_for(artifact.config.serving)
-    options = RuntimeOptions(
-        device=resolve_device(settings.device),
-        precision=settings.precision,
-        compile=settings.compile,
-        compile_mode=settings.compile_mode,
-        channels_last=settings.channels_last,
-        max_batch_size=batching["max_batch_size"],
-    )
+    options = runtime_options(settings, batching["max_batch_size"], resolve_device(settings.device))
     runner = ModelRunner(artifact, options, "ceiling")
     spec, max_pixels = artifact.config.input, settings.max_image_pixels
 
@@ -134,6 +128,61 @@ def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: flo
     }
 
 
+def versus_torch_compile(model_dir: Path, images: list[bytes], rounds: int, seconds: float) -> dict[str, Any]:
+    """Forward time per bucket of the ahead-of-time packages against torch.compile's graphs, both in this
+    process and timed in alternating blocks (A B A B ...), so that other work on the machine slows both
+    alike. The packages come from the compile cache (``python -m service.precompile`` fills it)."""
+    settings = Settings()
+    configure_cpu_threads(settings.cpu_threads, settings.cores)
+    spec = load_artifact(model_dir).config
+    options = runtime_options(
+        settings, settings.batching_for(spec.serving)["max_batch_size"], resolve_device(settings.device)
+    )
+    if options.compile_cache is None:
+        raise SystemExit("IGCV2_AOT is off: nothing to compare")
+    runners = {
+        "aot": ModelRunner(load_artifact(model_dir), options, "aot"),
+        "torch.compile": ModelRunner(load_artifact(model_dir), replace(options, compile_cache=None), "compiled"),
+    }
+    for runner in runners.values():
+        runner.executor.submit(runner.warmup).result()
+    if sorted(runners["aot"].packages) != runners["aot"].buckets:
+        raise SystemExit(f"the compile cache lacks packages: python -m service.precompile {model_dir} fills it")
+    arrays = [decode_image(images[i % len(images)], spec.input, settings.max_image_pixels) for i in range(64)]
+
+    def block(runner: ModelRunner, size: int) -> float:
+        """Median seconds of one call of ``size`` images over ``seconds``."""
+        batch, calls = (arrays * size)[:size], []
+        ends = time.perf_counter() + seconds
+        while len(calls) < 2 * MIN_ITERATIONS or time.perf_counter() < ends:
+            started = time.perf_counter()
+            runner.predict(batch)
+            calls.append(time.perf_counter() - started)
+        return float(np.median(calls))
+
+    buckets = []
+    for size in runners["aot"].buckets:
+        blocks: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                blocks[name].append(runner.executor.submit(block, runner, size).result())
+        ms = {name: 1000 * float(np.median(times)) for name, times in blocks.items()}
+        buckets.append(
+            {"batch": size, "ms_per_call": ms, "speed_aot_over_torch_compile": ms["torch.compile"] / ms["aot"]}
+        )
+    for runner in runners.values():
+        runner.close()
+    return {
+        "what": "ModelRunner.predict of the same images, packages vs torch.compile, alternated blocks, one process",
+        "device": str(options.device),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "block_seconds": seconds,
+        "buckets": buckets,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inprocess", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path, help="artifact version folder (<store>/<name>/<version>)")
@@ -141,8 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket-seconds", type=float, default=3.0, help="time per batch bucket")
     parser.add_argument("--single-seconds", type=float, default=5.0, help="time for single-image latency")
     parser.add_argument("--out", type=Path, help="write the JSON here (default: stdout)")
+    parser.add_argument(
+        "--versus-torch-compile",
+        type=int,
+        metavar="ROUNDS",
+        help="instead: the packages' forward against torch.compile's, ROUNDS alternated blocks of --bucket-seconds",
+    )
     args = parser.parse_args(argv)
-    result = measure(args.model_dir, [p.read_bytes() for p in args.images], args.bucket_seconds, args.single_seconds)
+    images = [p.read_bytes() for p in args.images]
+    if args.versus_torch_compile:
+        result = versus_torch_compile(args.model_dir, images, args.versus_torch_compile, args.bucket_seconds)
+    else:
+        result = measure(args.model_dir, images, args.bucket_seconds, args.single_seconds)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -54,6 +54,17 @@ class Settings(BaseSettings):
         description="channels_last memory format on CUDA (ignored on CPU; slower for IGCV2's group "
         "convolutions on an H200, benchmarks/RESULTS.md).",
     )
+    aot: bool = Field(
+        True,
+        description="Compile ahead of time (torch.export + AOTInductor): one package per batch bucket, kept in "
+        "IGCV2_COMPILE_CACHE, so a restart loads in milliseconds what it compiled once (false: torch.compile "
+        "at every start).",
+    )
+    compile_cache: Path = Field(
+        Path(".compile-cache"),
+        description="Folder of the ahead-of-time compiled packages, shared by workers and restarts (the image: "
+        "/cache/aot, on the cache volume); read-only works: what it lacks is compiled and not kept.",
+    )
     cpus: int = Field(
         0,
         ge=0,

@@ -28,7 +28,7 @@ from service.batching import Admission, DynamicBatcher
 from service.catalog import Catalog, ServedModel, State, validate_name
 from service.config import Settings
 from service.errors import BadInput, NotFound, Unavailable
-from service.runtime import ModelRunner, RuntimeOptions, resolve_device
+from service.runtime import ModelRunner, resolve_device, runtime_options
 from service.stats import InferenceStats
 
 log = logging.getLogger("igcv2.registry")
@@ -224,14 +224,7 @@ class ModelRegistry(Catalog):
             served.batching = self.settings.batching_for(config.serving)
         except ValueError as exc:  # the artifact's fault: a 400 on the control route, the reason in /models
             raise ArtifactError(f"{served.path}: {exc}") from None
-        options = RuntimeOptions(
-            device=self.device,
-            precision=self.settings.precision,
-            compile=self.settings.compile,
-            compile_mode=self.settings.compile_mode,
-            channels_last=self.settings.channels_last,
-            max_batch_size=served.batching["max_batch_size"],
-        )
+        options = runtime_options(self.settings, served.batching["max_batch_size"], self.device)
         runners = []
         for i in range(served.batching["instances"]):
             model_copy = artifact if i == 0 else copy.deepcopy(artifact)

@@ -9,26 +9,32 @@ Why it is shaped like this:
   instance's single-thread executor; outputs are copied to host memory before the next call.
 * The host sends uint8 (4x fewer bytes than float32) through a pinned buffer with a
   non-blocking copy; normalisation runs on the device inside the compiled graph.
+* With a compile cache, the buckets are compiled ahead of time (service/aot.py): a restart loads
+  them in milliseconds instead of compiling again. torch.compile is the fallback, eager the last one.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import subprocess
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch._inductor.config
 from torch import nn
 
 from igcv2.artifact import Artifact
 from igcv2.networks import Normalized
+from service import aot
+from service.compile_cache import CompileCache
+from service.config import Settings
 
 log = logging.getLogger("igcv2.runtime")
 WARMUP_CALLS = 5
@@ -74,6 +80,8 @@ class RuntimeOptions:
     compile_mode: str = "auto"
     channels_last: bool = False  # NCHW: 1.7x faster than channels_last for the ImageNet preset on an H200
     max_batch_size: int = 32
+    compile_cache: Path | None = None  # ahead-of-time packages are kept here; None: torch.compile at every start
+    compile_jobs: int = 1  # processes compiling the buckets a cold cache lacks, this one included
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,6 +98,32 @@ class RuntimeOptions:
         return self.compile_mode
 
 
+def runtime_options(settings: Settings, max_batch_size: int, device: torch.device) -> RuntimeOptions:
+    """The runtime options ``settings`` give a model whose largest batch is ``max_batch_size``."""
+    return RuntimeOptions(
+        device=device,
+        precision=settings.precision,
+        compile=settings.compile,
+        compile_mode=settings.compile_mode,
+        channels_last=settings.channels_last,
+        max_batch_size=max_batch_size,
+        compile_cache=settings.compile_cache if settings.aot else None,
+        compile_jobs=settings.cores,
+    )
+
+
+def serving_module(artifact: Artifact, options: RuntimeOptions) -> nn.Module:
+    """The artifact's network behind its normalisation, on the device, in the precision, without gradients."""
+    spec = artifact.config.input
+    module: nn.Module = Normalized(artifact.model, spec.mean, spec.std).eval()
+    module = module.to(options.device, options.dtype)
+    if options.device.type == "cuda" and options.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
 class ModelRunner:
     """A model resident on its device, compiled per bucket, called from its own thread."""
 
@@ -101,18 +135,17 @@ class ModelRunner:
         self.input_shape = (spec.height, spec.width, spec.channels)
         self.num_classes = len(artifact.config.labels)
         self.executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"infer-{name}", initializer=own_cuda_graph_trees
+            max_workers=1,
+            thread_name_prefix=f"infer-{name}",
+            initializer=own_cuda_graph_trees if self.device.type == "cuda" else None,
         )
+        self.artifact = artifact
         self.compiled = False
+        self.packages: dict[int, str] = {}  # bucket -> where its ahead-of-time package came from (the cache)
+        self.filling: subprocess.Popen[bytes] | None = None  # compiling the packages the cache lacked
         self.bucket_seconds: dict[int, float] = {}  # median seconds of one call per bucket, from warm-up
-        module: nn.Module = Normalized(artifact.model, spec.mean, spec.std).eval()
-        module = module.to(self.device, options.dtype)
-        if self.device.type == "cuda" and options.channels_last:
-            module = module.to(memory_format=torch.channels_last)
-        for param in module.parameters():
-            param.requires_grad_(False)
-        self.module = module
-        self.forward: Callable[[torch.Tensor], torch.Tensor] = module
+        self.module = serving_module(artifact, options)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.module
         pin = self.device.type == "cuda"
         self.host_buffers = {
             b: torch.zeros((b, *self.input_shape), dtype=torch.uint8, pin_memory=pin) for b in self.buckets
@@ -152,27 +185,64 @@ class ModelRunner:
     def warmup(self) -> float:
         """Compile (when enabled) and run every bucket a few times; returns seconds spent.
 
-        Call on ``self.executor``. A compilation failure falls back to eager, loudly.
+        Call on ``self.executor``. Ahead-of-time packages first (with a compile cache); a failure
+        falls back to torch.compile, and that one's to eager, loudly.
         """
         started = time.perf_counter()
-        if self.options.compile:
-            try:
-                # Process-wide, and other runners warm up at the same time: raise it, never lower it.
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.buckets))
-                torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error here, never a silent eager
-                self.forward = torch.compile(own_code(self.module), mode=self.options.mode, dynamic=False)
-                with torch._inductor.config.patch(**inductor_options(self.device)):
-                    self._run_buckets()  # compiles: dynamo compiles lazily, one graph per bucket
-                self.compiled = True
-            except Exception:
-                log.exception("torch.compile FAILED (mode=%s); FALLING BACK TO EAGER", self.options.mode)
-                self.forward = self.module
-                self._run_buckets()
-        else:
+        if self.options.compile and self.options.compile_cache is not None:
+            self._warm_up_ahead_of_time(self.options.compile_cache)
+        if self.options.compile and not self.compiled:
+            self._warm_up_compiled()
+        if not self.compiled:
             self._run_buckets()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
+
+    def _warm_up_ahead_of_time(self, cache: Path) -> None:
+        """Serve the packages of the compile cache when it holds every bucket's. Otherwise this start
+        compiles with torch.compile, as before (a package costs more CPU than its graph), and a
+        background process fills the cache for the next one."""
+        started = time.perf_counter()
+        try:
+            compiler = aot.AheadOfTime(self.module, self.artifact, self.options, CompileCache(cache))
+            packages = compiler.cached(self.buckets)
+            if missing := [b for b in self.buckets if b not in packages]:
+                log.info(
+                    "%s: the compile cache lacks buckets %s: torch.compile serves this start", compiler.label, missing
+                )
+                self.filling = compiler.fill_in_background(missing, self.options.compile_jobs)
+                return
+            self.forward = aot.ByBucket(packages)
+            self._run_buckets()
+        except Exception:
+            log.exception("ahead-of-time packages FAILED (mode=%s); FALLING BACK TO torch.compile", self.options.mode)
+            self.forward = self.module
+            return
+        self.compiled, self.packages = True, {b: p.origin for b, p in packages.items()}
+        log.info(
+            "%s: ahead-of-time packages of buckets %s loaded from the compile cache (%.2f s)",
+            compiler.label,
+            ", ".join(map(str, self.buckets)),
+            time.perf_counter() - started,
+        )
+
+    def _warm_up_compiled(self) -> None:
+        # Here, not at the top: dynamo and inductor cost a second of every start that loads packages.
+        import torch._dynamo
+        import torch._inductor.config
+
+        try:
+            # Process-wide, and other runners warm up at the same time: raise it, never lower it.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.buckets))
+            torch._dynamo.config.fail_on_recompile_limit_hit = True  # an error here, never a silent eager
+            self.forward = torch.compile(own_code(self.module), mode=self.options.mode, dynamic=False)
+            with torch._inductor.config.patch(**inductor_options(self.device)):
+                self._run_buckets()  # compiles: dynamo compiles lazily, one graph per bucket
+            self.compiled = True
+        except Exception:
+            log.exception("torch.compile FAILED (mode=%s); FALLING BACK TO EAGER", self.options.mode)
+            self.forward = self.module
 
     def _run_buckets(self) -> None:
         """Run every bucket ``WARMUP_CALLS`` times and keep the median time of a call after the
@@ -192,7 +262,10 @@ class ModelRunner:
         return self.predict(inputs) if inputs[0].dtype == np.uint8 else self.predict_normalized(inputs)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the inference thread: after its current call, or, without ``wait``, whenever that returns."""
+        """Stop the inference thread: after its current call, or, without ``wait``, whenever that returns;
+        and the background compile, if it is still going."""
+        if self.filling is not None:
+            aot.stop([self.filling])
         self.executor.shutdown(wait=wait)
 
 

@@ -64,6 +64,8 @@ def live_server(
         "IGCV2_MODEL_STORE": str(MODEL_STORE),
         "IGCV2_LOG_LEVEL": "info",
         "TORCHINDUCTOR_CACHE_DIR": str(ROOT / ".inductor-cache"),
+        # Ahead-of-time packages shared by every server of the suite (and the runner tests): compiled once.
+        "IGCV2_COMPILE_CACHE": str(ROOT / ".compile-cache"),
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }

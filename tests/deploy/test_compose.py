@@ -106,11 +106,14 @@ def test_models_read_only_and_compile_cache_on_a_volume(variant):
         assert store == "/models" and volumes[store] == (str(ROOT / "model_store"), "ro"), (
             f"{name}: the repo's model_store/ mounted read-only at /models by default"
         )
-        cache_dir = env["TORCHINDUCTOR_CACHE_DIR"]
-        cache_mounts = [t for t in volumes if cache_dir == t or cache_dir.startswith(t.rstrip("/") + "/")]
-        assert cache_mounts, f"{name}: TORCHINDUCTOR_CACHE_DIR is on a volume"
-        source = volumes[cache_mounts[0]][0]
-        assert source in config.get("volumes", {}), f"{name}: the cache is a named volume (kept across restarts)"
+        for variable in (env_name("compile_cache"), "TORCHINDUCTOR_CACHE_DIR"):
+            cache_dir = env[variable]
+            cache_mounts = [t for t in volumes if cache_dir == t or cache_dir.startswith(t.rstrip("/") + "/")]
+            assert cache_mounts, f"{name}: {variable} is on a volume"
+            source = volumes[cache_mounts[0]][0]
+            assert source in config.get("volumes", {}), (
+                f"{name}: {variable} is on a named volume (kept across restarts)"
+            )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -219,7 +219,7 @@ def test_models_come_from_slash_models_and_the_image_carries_the_default_model()
 
 def test_compile_caches_live_on_a_volume():
     volumes = " ".join(FINAL.all("VOLUME"))
-    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+    for variable in (env_name("compile_cache"), "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         path = FINAL_ENV.get(variable, "")
         assert path and any(path.startswith(v.strip('[]", ')) for v in volumes.split()), f"{variable} on a VOLUME"
 
@@ -302,6 +302,7 @@ def test_build_context_has_what_the_image_needs(path):
         "model_store/igcv2-fashion/.checkpoint.pt",
         "model_store/igcv2-fashion/1/.model.safetensors.tmp-1",
         ".inductor-cache/x",
+        ".compile-cache/igcv2-fashion-v1-b1-0123/package.pt2",
     ],
 )
 def test_build_context_leaves_out_environments_caches_and_tests(path):

@@ -175,9 +175,8 @@ def test_security_non_root_read_only(overlay):
     env = env_values(container)
     store = env[env_name("model_store")]
     assert mounts[store].get("readOnly") is True, "the model store is mounted read-only"
-    assert any(env["TORCHINDUCTOR_CACHE_DIR"].startswith(path.rstrip("/") + "/") for path in mounts), (
-        "the compile cache is on a volume"
-    )
+    for variable in (env_name("compile_cache"), "TORCHINDUCTOR_CACHE_DIR"):
+        assert any(env[variable].startswith(path.rstrip("/") + "/") for path in mounts), f"{variable} is on a volume"
     assert "/tmp" in mounts, "a writable /tmp (the root filesystem is read-only; compilers need one)"
     namespace = one(docs(f"overlays/{overlay}"), "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -308,24 +307,47 @@ def test_prometheus_operator_scrapes_the_metrics_route(overlay):
 # ----------------------------------------------------------------------------- components/models-pvc
 
 
-def test_models_pvc_component_mounts_a_claim_read_only(tmp_path: Path):
-    overlay = tmp_path / "with-pvc"
-    overlay.mkdir()
-    relative = Path(os.path.relpath(K8S, overlay))
-    (overlay / "kustomization.yaml").write_text(
+def with_components(tmp_path: Path, overlay: str, *components: str) -> tuple[dict[str, Any], ...]:
+    """``overlay`` with ``components`` added, rendered and validated strictly."""
+    folder = tmp_path / "with-components"
+    folder.mkdir()
+    relative = Path(os.path.relpath(K8S, folder))
+    listed = "".join(f"  - {relative / 'components' / c}\n" for c in components)
+    (folder / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: igcv2\n"
-        f"resources:\n  - {relative / 'overlays' / 'gpu'}\ncomponents:\n  - {relative / 'components' / 'models-pvc'}\n"
+        f"resources:\n  - {relative / 'overlays' / overlay}\ncomponents:\n{listed}"
     )
-    rendered = kustomize(overlay)
+    rendered = kustomize(folder)
     for doc in rendered:
         if (doc["apiVersion"], doc["kind"]) not in CRDS:
             validate(doc, "latest")
+    return rendered
+
+
+def test_models_pvc_component_mounts_a_claim_read_only(tmp_path: Path):
+    rendered = with_components(tmp_path, "gpu", "models-pvc")
     spec = one(rendered, "Deployment")["spec"]["template"]["spec"]
     claim = one(rendered, "PersistentVolumeClaim")
     volumes = {v["name"]: v for v in spec["volumes"]}
     mount = next(m for m in server(spec)["volumeMounts"] if m["mountPath"] == "/models")
     assert volumes[mount["name"]]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
     assert mount["readOnly"] is True and "initContainers" not in spec
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_compile_cache_pvc_component_shares_the_compile_cache_among_replicas(tmp_path: Path, overlay: str):
+    rendered = with_components(tmp_path, overlay, "models-pvc", "compile-cache-pvc")
+    spec = one(rendered, "Deployment")["spec"]["template"]["spec"]
+    claims = {c["metadata"]["name"]: c for c in rendered if c["kind"] == "PersistentVolumeClaim"}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    container = server(spec)
+    env, mounts = env_values(container), {m["mountPath"]: m for m in container["volumeMounts"]}
+    cache = next(path for path in mounts if env[env_name("compile_cache")].startswith(path.rstrip("/") + "/"))
+    claim = volumes[mounts[cache]["name"]]["persistentVolumeClaim"]
+    assert claims[claim["claimName"]]["spec"]["accessModes"] == ["ReadWriteMany"], "every replica's pod mounts it"
+    assert not claim.get("readOnly") and not mounts[cache].get("readOnly"), "the first pod to need a package writes it"
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(cache.rstrip("/") + "/")
+    assert volumes[mounts["/models"]["name"]]["persistentVolumeClaim"]["readOnly"] is True, "both components apply"
 
 
 # ----------------------------------------------------------------------------- KServe
@@ -378,7 +400,9 @@ def test_kserve_runtime_container_is_the_service_image_and_wiring():
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert "/tmp" in mounts and any(env["TORCHINDUCTOR_CACHE_DIR"].startswith(m + "/") for m in mounts)
+    assert "/tmp" in mounts
+    for variable in (env_name("compile_cache"), "TORCHINDUCTOR_CACHE_DIR"):
+        assert any(env[variable].startswith(m + "/") for m in mounts), f"{variable} is on a volume"
 
 
 def test_kserve_runtime_container_is_a_valid_pod_container():

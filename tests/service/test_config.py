@@ -23,6 +23,7 @@ def test_defaults() -> None:
     assert s.model_store == Path("model_store")
     assert s.models == [] and s.wanted_models() == []
     assert (s.device, s.precision, s.compile, s.compile_mode) == ("auto", "auto", True, "auto")
+    assert s.aot is True and s.compile_cache == Path(".compile-cache")
     assert (s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size) == (32, 0.0, 256)
     assert s.api_key is None and s.admin_key is None
     assert (s.host, s.port) == ("127.0.0.1", 8000)

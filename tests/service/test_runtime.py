@@ -7,32 +7,29 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from reference import eager_logits, images
 from torch._inductor.utils import run_and_get_code
 
 from igcv2.artifact import Artifact
-from igcv2.networks import Normalized
-from service.runtime import ModelRunner, RuntimeOptions, buckets_for, resolve_device
+from service.config import Settings
+from service.runtime import (
+    ModelRunner,
+    RuntimeOptions,
+    buckets_for,
+    own_cuda_graph_trees,
+    resolve_device,
+    runtime_options,
+)
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
 MakeArtifact = Callable[..., Artifact]
-
-
-def images(n: int, shape: tuple[int, int, int] = (12, 12, 1), seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]
-
-
-def eager_logits(artifact: Artifact, batch: list[np.ndarray]) -> np.ndarray:
-    """The reference: the artifact's network on exactly these images, unpadded, in float32."""
-    spec = artifact.config.input
-    with torch.inference_mode():
-        return Normalized(artifact.model, spec.mean, spec.std).eval()(torch.from_numpy(np.stack(batch))).numpy()
 
 
 def warmed(artifact: Artifact, **options: Any) -> ModelRunner:
@@ -64,6 +61,14 @@ def test_options() -> None:
     assert cuda.dtype == torch.float16 and cuda.mode == "reduce-overhead" and not cuda.channels_last
     assert RuntimeOptions(device=CPU, precision="bfloat16", compile_mode="reduce-overhead").dtype == torch.bfloat16
     assert RuntimeOptions(device=CPU, compile_mode="reduce-overhead").mode == "reduce-overhead"
+
+
+def test_runtime_options_follow_the_settings(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, compile_cache=tmp_path, cpus=4, workers=2, precision="bfloat16")
+    options = runtime_options(settings, 8, CPU)
+    assert (options.device, options.max_batch_size, options.dtype) == (CPU, 8, torch.bfloat16)
+    assert options.compile_cache == tmp_path and options.compile_jobs == 2, "this worker's share of the cores"
+    assert runtime_options(Settings(_env_file=None, aot=False), 8, CPU).compile_cache is None
 
 
 def test_resolve_device() -> None:
@@ -266,9 +271,9 @@ def test_warmup_runs_every_bucket(make_tiny_artifact: MakeArtifact) -> None:
     assert sorted(set(sizes)) == [1, 2, 4, 5] and all(sizes.count(b) >= 3 for b in (1, 2, 4, 5))
 
 
-def test_every_inference_thread_gets_its_own_cuda_graph_trees(eager_runner: tuple[Artifact, ModelRunner]) -> None:
+def test_every_inference_thread_gets_its_own_cuda_graph_trees() -> None:
     """torch < 2.13 set up inductor's CUDA-graph trees only in the importing thread (here: this one);
-    a plain thread lacks them, a runner's inference thread must have them."""
+    a plain thread lacks them, a CUDA runner's inference thread (this initializer) must have them."""
     from torch._inductor import cudagraph_trees
 
     def has_trees() -> bool:
@@ -276,5 +281,5 @@ def test_every_inference_thread_gets_its_own_cuda_graph_trees(eager_runner: tupl
 
     with ThreadPoolExecutor(1) as plain:
         assert not plain.submit(has_trees).result()
-    _, runner = eager_runner
-    assert runner.executor.submit(has_trees).result()
+    with ThreadPoolExecutor(1, initializer=own_cuda_graph_trees) as inference:
+        assert inference.submit(has_trees).result()

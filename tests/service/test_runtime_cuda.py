@@ -1,5 +1,6 @@
 """ModelRunner on an NVIDIA GPU: reduced precision against the CPU reference, one compilation per
-bucket, CUDA-graph outputs that the next batch cannot overwrite, residency and pinned buffers.
+bucket, CUDA-graph outputs that the next batch cannot overwrite, residency and pinned buffers; each
+with ahead-of-time packages (the service's default) and with torch.compile (its fallback, IGCV2_AOT=false).
 
 Skipped (not failed) without CUDA. ``CUDA_TEST_COMPILE_MODE`` picks the compile mode (default:
 the service's own for CUDA); ``CUDA_TEST_REPORT`` names a JSON file the measured agreement is
@@ -24,6 +25,7 @@ import torch
 from igcv2.artifact import Artifact, load_artifact
 from igcv2.data import load_dataset
 from igcv2.networks import Normalized
+from service.aot import CudaGraphed, uses_cuda_graphs
 from service.batching import DynamicBatcher
 from service.engine import softmax
 from service.runtime import ModelRunner, RuntimeOptions
@@ -68,22 +70,37 @@ def cpu_probabilities(test_split: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     return torch.cat(chunks).numpy()
 
 
-def gpu_runner(artifact: Artifact, precision: str) -> Iterator[ModelRunner]:
+def gpu_runner(artifact: Artifact, precision: str, cache: Path | None) -> ModelRunner:
+    """A warmed-up runner: ahead-of-time packages kept in ``cache``, or torch.compile without one."""
     options = RuntimeOptions(
-        device=torch.device("cuda"), precision=precision, compile_mode=MODE, max_batch_size=MAX_BATCH
+        device=torch.device("cuda"),
+        precision=precision,
+        compile_mode=MODE,
+        max_batch_size=MAX_BATCH,
+        compile_cache=cache,
     )
     runner = ModelRunner(artifact, options, name=f"cuda-{precision}")
-    runner.executor.submit(runner.warmup).result()
-    assert runner.compiled, "torch.compile fell back to eager on the GPU"
-    yield runner
-    runner.close()
+    warmup_s = runner.executor.submit(runner.warmup).result()
+    assert runner.compiled, "compilation fell back to eager on the GPU"
+    assert bool(runner.packages) == (cache is not None), "ahead-of-time compilation fell back to torch.compile"
+    entry = {"test": "warmup", "precision": precision, "aot": cache is not None, "packages": runner.packages}
+    report(entry | {"warmup_s": warmup_s, "device": torch.cuda.get_device_name()})
+    return runner
 
 
-@pytest.fixture(scope="module", params=["float16", "bfloat16"])
-def runner(request: pytest.FixtureRequest, artifact: Artifact) -> Iterator[ModelRunner]:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="module", params=["float16-aot", "bfloat16-aot", "float16-compile", "bfloat16-compile"])
+def runner(request: pytest.FixtureRequest, artifact: Artifact, cache: Path) -> Iterator[ModelRunner]:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    yield from gpu_runner(artifact, request.param)
+    precision, how = request.param.split("-")
+    runner = gpu_runner(artifact, precision, cache if how == "aot" else None)
+    yield runner
+    runner.close()
 
 
 def predict_all(runner: ModelRunner, images: np.ndarray, batch: int) -> np.ndarray:
@@ -126,8 +143,12 @@ def test_reduced_precision_agrees_with_the_cpu_float32_reference(
 
 def test_every_bucket_compiles_once_and_mixed_sizes_never_recompile(runner: ModelRunner) -> None:
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    # The runner's own warm-up compiled every bucket (the first test of this runner may run first).
-    assert graphs == len(runner.buckets), f"{graphs} graphs for buckets {runner.buckets}"
+    if runner.packages:  # one package per bucket, each replayed as a CUDA graph where the mode uses them
+        assert sorted(runner.packages) == runner.buckets
+        graphed = uses_cuda_graphs(runner.device, runner.options.mode)
+        assert all(isinstance(f, CudaGraphed) == graphed for f in runner.forward.forwards.values())
+    else:  # the runner's own warm-up compiled every bucket (the first test of this runner may run first)
+        assert graphs == len(runner.buckets), f"{graphs} graphs for buckets {runner.buckets}"
     rng = random.Random(0)
     sizes = [rng.randint(1, MAX_BATCH) for _ in range(200)]
     blank = np.zeros(runner.input_shape, np.uint8)
@@ -193,6 +214,22 @@ def test_concurrent_requests_get_their_own_answers(
             err_msg=f"request {i} got another request's (or a stale) answer",
         )
         assert answer.argmax() == reference.argmax()
+
+
+def test_a_restart_loads_every_package_and_answers_the_same(
+    artifact: Artifact, cache: Path, test_split: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The GPU's warm start: a second runner on the cache the first one filled compiles nothing."""
+    images = test_split[0][:512]
+    first = gpu_runner(artifact, "float16", cache)
+    expected = predict_all(first, images, MAX_BATCH)
+    first.close()
+    runner = gpu_runner(artifact, "float16", cache)
+    try:
+        assert set(runner.packages.values()) == {"cache"}
+        np.testing.assert_allclose(predict_all(runner, images, MAX_BATCH), expected, rtol=0, atol=1e-3)
+    finally:
+        runner.close()
 
 
 def test_weights_and_buffers_stay_on_the_device_and_host_buffers_are_pinned(runner: ModelRunner) -> None:
