@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU image built and run for real (make image-test; README "Testing the image"):
+# The CPU image built and run for real (make image-test; docs/deployment.md, "Testing the image"):
 #   1. builds it offline, from a local base image (docker/local-base.sh) and a local wheel index (the lock's
 #      wheels, `pip download`ed and served on the loopback), with the network shut to pip and apt;
 #   2. runs it as docker-compose.cpu.yml runs its service: read-only root, tmpfs /tmp, no capabilities,

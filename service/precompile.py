@@ -5,7 +5,7 @@ packages are keyed by them, and a package for another device is simply a miss). 
 compiles what ``python -m service`` would load: the IGCV2_MODELS versions of IGCV2_MODEL_STORE, each with
 its batch buckets, for IGCV2_DEVICE, IGCV2_PRECISION, IGCV2_COMPILE_MODE and IGCV2_CHANNELS_LAST, into
 IGCV2_COMPILE_CACHE; the options below override them. Buckets already in the cache are checked, not
-compiled again. An image build step or a Kubernetes init container runs it (README, "Compile cache").
+compiled again. An image build step or a Kubernetes init container runs it (docs/compile-cache.md).
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ class BodyLimit:
     that grows past it (chunked uploads), so an oversized body is never buffered whole; 408 when a
     body stalls, no new byte for ``idle_timeout_s``, so a client that stops sending its body (which
     uvicorn never times out) holds neither its request nor its connection for long. A pause, not a
-    total: one byte every ``idle_timeout_s`` still holds them (bound that in a proxy; README).
+    total: one byte every ``idle_timeout_s`` still holds them (bound that in a proxy; docs/operating.md).
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, idle_timeout_s: float) -> None:

@@ -1,6 +1,6 @@
 """Helpers shared by the monitoring tests: read the dashboard and alert rules, list their PromQL.
 
-Convention read here (and documented in the README): a dashboard panel whose description starts with
+Convention read here (and documented in docs/monitoring.md): a dashboard panel whose description starts with
 "GPU only" shows GPU metrics, which cannot have data on a CPU machine; expressions naming ``DCGM_*``
 series need NVIDIA dcgm-exporter, which the tests never run.
 """
