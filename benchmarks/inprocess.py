@@ -49,7 +49,7 @@ def _ms(values: list[float]) -> dict[str, float]:
 def measure(model_dir: Path, images: list[bytes], bucket_s: float, single_s: float) -> dict[str, Any]:
     """Ceiling (images/s per bucket, best) and single-image latency for the artifact at ``model_dir``."""
     settings = Settings()
-    configure_cpu_threads(settings.cpu_threads, settings.cores)
+    configure_cpu_threads(settings)
     artifact = load_artifact(model_dir)
     batching = settings.batching_for(artifact.config.serving)
     options = runtime_options(settings, batching["max_batch_size"], resolve_device(settings.device))
@@ -133,7 +133,7 @@ def versus_torch_compile(model_dir: Path, images: list[bytes], rounds: int, seco
     process and timed in alternating blocks (A B A B ...), so that other work on the machine slows both
     alike. The packages come from the compile cache (``python -m service.precompile`` fills it)."""
     settings = Settings()
-    configure_cpu_threads(settings.cpu_threads, settings.cores)
+    configure_cpu_threads(settings)
     spec = load_artifact(model_dir).config
     options = runtime_options(
         settings, settings.batching_for(spec.serving)["max_batch_size"], resolve_device(settings.device)

@@ -94,8 +94,7 @@ def execute(settings: Settings, role: str) -> int:
     supervisor, replacement, run_dir = role.split(":", 2)
     follow_parent(int(supervisor))
     me = Worker(EXECUTOR, int(supervisor), Path(run_dir), bool(int(replacement)))
-    # Its intra-op threads take the cores the front-ends' event loops leave: one each.
-    configure_cpu_threads(settings.cpu_threads, settings.total_cores - settings.workers + 1)
+    configure_cpu_threads(settings)  # the cores the front-ends' event loops leave: one each
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     abandon_loading(server.run(settings, me).registry, 0)
     return 0
@@ -116,7 +115,7 @@ def serve(settings: Settings, worker: str | None) -> int:
     else:
         from service.runtime import configure_cpu_threads
 
-        configure_cpu_threads(settings.cpu_threads, settings.cores)
+        configure_cpu_threads(settings)
     # A compiled forward releases and retakes the GIL dozens of times; each time the busy event loop may
     # keep it for a whole switch interval. CPython's 5 ms cost 28% of saturation (benchmarks/RESULTS.md).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)

@@ -218,6 +218,13 @@ class Settings(BaseSettings):
         return max(1, self.total_cores // self.workers)
 
     @property
+    def inference_threads(self) -> int:
+        """Intra-op threads of the process that runs the models: ``cpu_threads``, or one per core of its
+        share but one. Alone it has every core; as the executor, the cores the front-ends' event loops
+        leave (one each)."""
+        return self.cpu_threads or max(1, self.total_cores - self.workers)
+
+    @property
     def decode_workers(self) -> int:
         """Threads of the decode pool: ``decode_threads``, or one per core of this process's share (at least 2)."""
         return self.decode_threads or max(2, self.cores)

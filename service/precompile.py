@@ -54,6 +54,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     sizes.add_argument("--max-batch-size", type=int, help="buckets 1, 2, 4, ... up to it (default: each model's)")
     sizes.add_argument("--buckets", type=bucket_list, help="exactly these batch sizes, comma-separated")
     parser.add_argument("--cache", type=Path, help="default: IGCV2_COMPILE_CACHE")
+    parser.add_argument(
+        "--cpu-threads", type=int, help="intra-op threads the server runs CPU packages with (default: as it would)"
+    )
     parser.add_argument("--jobs", type=int, help="buckets compiled at once, in as many processes (default: the cores)")
     parser.add_argument("--background", action="store_true", help="at the lowest CPU priority")
     parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)  # a helper of this server process
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         follow_parent(args.parent)  # SIGTERM when the server that started it dies
     # A SIGTERM unwinds: the package being compiled goes, with its temporary folder and the compiler.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    torch.set_num_threads(1)  # compiling is one thread's work (and its C++ compiler's)
+    # CPU kernels are generated for the process's intra-op threads: the server's count, as it will run them.
+    torch.set_num_threads(args.cpu_threads or settings.inference_threads)
     if args.background:
         os.nice(19)  # its helpers and compilers inherit it: the server's own work always comes first
     cache = CompileCache(args.cache or settings.compile_cache)

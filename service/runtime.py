@@ -15,6 +15,7 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import subprocess
@@ -189,20 +190,23 @@ class ModelRunner:
         falls back to torch.compile, and that one's to eager, loudly.
         """
         started = time.perf_counter()
+        fill = None
         if self.options.compile and self.options.compile_cache is not None:
-            self._warm_up_ahead_of_time(self.options.compile_cache)
+            fill = self._warm_up_ahead_of_time(self.options.compile_cache)
         if self.options.compile and not self.compiled:
             self._warm_up_compiled()
         if not self.compiled:
             self._run_buckets()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if fill is not None:  # only now: beside this start's own compile it would take its cores and
+            self.filling = fill()  # hold inductor's locks on the kernels both compile (a cold start 1.4x)
         return time.perf_counter() - started
 
-    def _warm_up_ahead_of_time(self, cache: Path) -> None:
+    def _warm_up_ahead_of_time(self, cache: Path) -> Callable[[], subprocess.Popen[bytes] | None] | None:
         """Serve the packages of the compile cache when it holds every bucket's. Otherwise this start
-        compiles with torch.compile, as before (a package costs more CPU than its graph), and a
-        background process fills the cache for the next one."""
+        compiles with torch.compile, as before (a package costs more CPU than its graph), and the
+        returned call starts a background process that fills the cache for the next one."""
         started = time.perf_counter()
         try:
             compiler = aot.AheadOfTime(self.module, self.artifact, self.options, CompileCache(cache))
@@ -211,14 +215,13 @@ class ModelRunner:
                 log.info(
                     "%s: the compile cache lacks buckets %s: torch.compile serves this start", compiler.label, missing
                 )
-                self.filling = compiler.fill_in_background(missing, self.options.compile_jobs)
-                return
+                return functools.partial(compiler.fill_in_background, missing, self.options.compile_jobs)
             self.forward = aot.ByBucket(packages)
             self._run_buckets()
         except Exception:
             log.exception("ahead-of-time packages FAILED (mode=%s); FALLING BACK TO torch.compile", self.options.mode)
             self.forward = self.module
-            return
+            return None
         self.compiled, self.packages = True, {b: p.origin for b, p in packages.items()}
         log.info(
             "%s: ahead-of-time packages of buckets %s loaded from the compile cache (%.2f s)",
@@ -226,6 +229,7 @@ class ModelRunner:
             ", ".join(map(str, self.buckets)),
             time.perf_counter() - started,
         )
+        return None
 
     def _warm_up_compiled(self) -> None:
         # Here, not at the top: dynamo and inductor cost a second of every start that loads packages.
@@ -301,12 +305,12 @@ def own_cuda_graph_trees() -> None:
         cudagraph_trees.local.tree_manager_locks = defaultdict(threading.Lock)
 
 
-def configure_cpu_threads(threads: int, cores: int) -> None:
-    """Intra-op threads for CPU inference: ``threads``, or one per core of ``cores`` (this process's
-    share of the host's) but one.
+def configure_cpu_threads(settings: Settings) -> None:
+    """Intra-op threads for CPU inference: :attr:`Settings.inference_threads`, a core fewer than the
+    process's share. Packages are compiled for that many (their kernels' thread count is fixed then).
 
     The HTTP loop, decoding and the inference thread share one GIL; leaving them a core beats a
     second OpenMP thread that spins between batches (benchmarks/RESULTS.md: +18% saturation
     throughput and a 5x lower p99 at concurrency 32 on 2 cores, same single-image latency).
     """
-    torch.set_num_threads(threads or max(1, cores - 1))
+    torch.set_num_threads(settings.inference_threads)

@@ -268,13 +268,14 @@ def test_each_front_end_takes_its_share_of_the_cores_and_the_executor_what_their
     assert Settings(cpus=16, workers=4, decode_threads=3).decode_workers == 3
     before = torch.get_num_threads()
     try:
-        configure_cpu_threads(0, Settings(cpus=16).cores)
+        configure_cpu_threads(Settings(cpus=16))
         assert torch.get_num_threads() == 15, "one process: all cores but the event loop's"
-        four = Settings(cpus=16, workers=4)
-        configure_cpu_threads(0, four.total_cores - four.workers + 1)  # as python -m service --executor does
+        configure_cpu_threads(Settings(cpus=16, workers=4))  # as python -m service --executor does
         assert torch.get_num_threads() == 12, "the executor: a core for each front-end's loop"
-        configure_cpu_threads(0, 1)
+        configure_cpu_threads(Settings(cpus=1))
         assert torch.get_num_threads() == 1
+        configure_cpu_threads(Settings(cpus=16, cpu_threads=3))
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 
