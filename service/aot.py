@@ -39,7 +39,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -70,6 +69,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 # (other instances of the model wait; other processes compile other buckets meanwhile).
 _compiling = threading.Lock()
 _filling: dict[tuple[str, ...], subprocess.Popen[bytes]] = {}  # background compiles, by the entries they make
+_filling_lock = threading.Lock()
 
 
 class PackageError(RuntimeError):
@@ -207,11 +207,12 @@ class AheadOfTime:
             log.warning("%s: not in its store as loaded; no packages compiled for it", self.label)
             return None
         names = tuple(str(self.cache.entry(self.key(b))) for b in buckets)
-        if (running := _filling.get(names)) is not None and running.poll() is None:
-            return None  # another instance of this model started it
-        log.info("%s: compiling the packages of buckets %s in the background", self.label, buckets)
-        command = [*self._precompile_command(buckets, jobs), "--background"]
-        _filling[names] = process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        with _filling_lock:  # instances of one model warm up at once, on threads of their own
+            if (running := _filling.get(names)) is not None and running.poll() is None:
+                return None  # another instance of this model started it
+            log.info("%s: compiling the packages of buckets %s in the background", self.label, buckets)
+            command = [*self._precompile_command(buckets, jobs), "--background"]
+            _filling[names] = process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         return process
 
     def _precompile_command(self, buckets: list[int], jobs: int) -> list[str]:
@@ -283,10 +284,10 @@ class AheadOfTime:
     def load(self, path: Path, bucket: int) -> Forward:
         """The package at ``path`` as a forward for batches of ``bucket``, checked against the eager module."""
         forward: Forward
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and CpuPackage.serves(path):
             forward = CpuPackage(path)
         else:
-            index = self.device.index or 0
+            index = -1 if self.device.type == "cpu" else self.device.index or 0
             # run_single_threaded: without the runtime's own thread bookkeeping, which a CUDA graph capture
             # refuses. Holding the GIL matters little here: a CUDA forward only queues its kernels.
             loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", self.cuda_graphs, 1, index)
@@ -336,20 +337,10 @@ class CpuPackage:
     a tensor of its own; the batch's tensor is only read."""
 
     def __init__(self, path: Path) -> None:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(".so")]
-            if len(names) != 1:
-                raise PackageError(f"{path}: {len(names)} shared libraries, one expected")
-            with tempfile.NamedTemporaryFile(prefix="igcv2-aot-", suffix=".so") as library:
-                library.write(archive.read(names[0]))
-                library.flush()
-                self.lib = ctypes.CDLL(library.name)  # mapped now: the file can go
-        for name, arguments in _ENTRY_POINTS.items():
-            function = getattr(self.lib, name)
-            function.argtypes, function.restype = arguments, ctypes.c_int32
+        self.lib = _library(path)
         container, outputs = ctypes.c_void_p(), ctypes.c_size_t()
         _call(self.lib.AOTInductorModelContainerCreateWithDevice, ctypes.byref(container), 1, b"cpu", None)
-        weakref.finalize(self, _release, self.lib, container)
+        weakref.finalize(self, self.lib.AOTInductorModelContainerDelete, container)  # frees its buffers
         _call(self.lib.AOTInductorModelContainerGetNumOutputs, container, ctypes.byref(outputs))
         if outputs.value != 1:
             raise PackageError(f"{path}: {outputs.value} outputs, one expected")
@@ -361,6 +352,43 @@ class CpuPackage:
         output = (ctypes.c_void_p * 1)()
         _call(self.lib.AOTInductorModelContainerRun, self.container, inputs, 1, output, 1, None, None)
         return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_capsule(output[0], None, None)])[0]
+
+    @staticmethod
+    def serves(path: Path) -> bool:
+        """Whether the package needs nothing but its library: one with a proxy executor's JSON (ops
+        without a C shim) needs torch's loader."""
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        return not any(n.endswith(".json") and not n.endswith("_metadata.json") for n in names if "/aotinductor/" in n)
+
+
+_libraries: dict[str, ctypes.CDLL] = {}  # by the library's sha256: a reload creates containers, maps nothing
+_libraries_lock = threading.Lock()
+
+
+def _library(path: Path) -> ctypes.CDLL:
+    """The package's shared library, loaded once per process from an anonymous memory file: no temporary
+    file, and it loads where /tmp is mounted noexec (Docker's --tmpfs is). It stays mapped for the
+    process's life: its C++ unique symbols make the dynamic loader ignore dlclose anyway."""
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".so")]
+        if len(names) != 1:
+            raise PackageError(f"{path}: {len(names)} shared libraries, one expected")
+        code = archive.read(names[0])
+    digest = hashlib.sha256(code).hexdigest()
+    with _libraries_lock:
+        if (lib := _libraries.get(digest)) is None:
+            # Its descriptor stays open: the dynamic loader takes a path it has loaded before for the same
+            # library, and a closed descriptor's number (so its /proc path) comes back for the next one.
+            fd = os.memfd_create(f"igcv2-aot-{digest[:12]}.so", os.MFD_CLOEXEC)
+            with open(fd, "wb", closefd=False) as memory:
+                memory.write(code)
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+            for name, arguments in _ENTRY_POINTS.items():
+                function = getattr(lib, name)
+                function.argtypes, function.restype = arguments, ctypes.c_int32
+            _libraries[digest] = lib
+    return lib
 
 
 _POINTER = ctypes.POINTER(ctypes.c_void_p)
@@ -383,12 +411,6 @@ _capsule = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p,
 def _call(function: Any, *arguments: object) -> None:
     if (code := function(*arguments)) != 0:
         raise RuntimeError(f"{function.__name__} failed ({code}); AOTInductor logged why")
-
-
-def _release(lib: ctypes.CDLL, container: ctypes.c_void_p) -> None:
-    """Free the model's buffers. Its code stays mapped, as with torch's own loader: the library's C++
-    unique symbols make the loader ignore a dlclose."""
-    lib.AOTInductorModelContainerDelete(container)
 
 
 class CudaGraphed:
