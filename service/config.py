@@ -73,7 +73,13 @@ class Settings(BaseSettings):
         "(0: the CPUs it may run on, capped by its cgroup's CPU quota such as docker --cpus; Kubernetes "
         "sets it from the pod's CPU request, which nothing in the container can see).",
     )
-    cpu_threads: int = Field(0, ge=0, description="Intra-op threads for CPU inference (0: one per core but one).")
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="Intra-op threads for CPU inference (0: the cores the event loops leave: all but one alone, "
+        "all but one per front-end with IGCV2_WORKERS). CPU packages are compiled for it: part of the compile "
+        "cache key.",
+    )
     instances: int = Field(1, ge=1, le=16, description="Model instances (inference threads) per model version.")
     gil_switch_interval_ms: float = Field(
         0.1,

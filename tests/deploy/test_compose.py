@@ -123,6 +123,9 @@ def test_service_is_locked_down(variant):
         assert svc.get("cap_drop") == ["ALL"], name
         assert "no-new-privileges:true" in svc.get("security_opt", []), name
         assert "user" not in svc or not str(svc["user"]).startswith(("0", "root")), name
+        # The only writable path but the volumes. torch's loader of CUDA packages loads libraries from it,
+        # which Docker's default tmpfs options (noexec) forbid; CPU packages load from memory.
+        assert svc.get("tmpfs") == (["/tmp"] if variant == "cpu" else ["/tmp:exec"]), name
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -178,7 +181,7 @@ def test_cpu_variant_needs_no_gpu():
     assert DCGM_SERVICE not in services(CPU)
 
 
-DIFFERS_BY_DESIGN = {"image", "build", "deploy", "ports"}
+DIFFERS_BY_DESIGN = {"image", "build", "deploy", "ports", "tmpfs"}  # tmpfs: exec for CUDA packages only
 
 
 def comparable(service: dict[str, Any]) -> dict[str, Any]:
