@@ -267,9 +267,13 @@ class ModelRunner:
 
     def close(self, wait: bool = True) -> None:
         """Stop the inference thread: after its current call, or, without ``wait``, whenever that returns;
-        and the background compile, if it is still going."""
+        and the background compile, if it is still going (without ``wait``, only told to stop: this may
+        run on an event loop that other requests need)."""
         if self.filling is not None:
-            aot.stop([self.filling])
+            if wait:
+                aot.stop([self.filling])
+            elif self.filling.poll() is None:
+                self.filling.terminate()  # it cleans up after itself on SIGTERM
         self.executor.shutdown(wait=wait)
 
 
