@@ -169,6 +169,9 @@ class ModelRegistry(Catalog):
             settle_heap()
             self.started = True
             self._on_change()
+            for served in list(self._models.values()):
+                for runner in served.runners:
+                    runner.start_filling()
 
     async def load(self, name: str) -> ServedModel:
         """Compilation and warm-up block, so they run in a thread; loads and unloads of one name run one
@@ -233,6 +236,9 @@ class ModelRegistry(Catalog):
         warmups = [r.executor.submit(r.warmup) for r in runners]
         warmup_s = max(f.result() for f in warmups)
         served.runners = runners
+        if self.started:  # a control-route load; the configured models' compiles start once all are warm
+            for runner in runners:
+                runner.start_filling()
         r = runners[0]
         served.runtime = {
             "device": str(r.device),

@@ -59,6 +59,7 @@ def warmed(artifact: Artifact, cache: Path, max_batch_size: int = 2, **options: 
         artifact, RuntimeOptions(device=CPU, max_batch_size=max_batch_size, compile_cache=cache, **options), "aot"
     )
     runner.executor.submit(runner.warmup).result()
+    runner.start_filling()  # as the registry does once every model is warm
     return runner
 
 
@@ -291,6 +292,7 @@ CHILD = textwrap.dedent(
         options = RuntimeOptions(torch.device("cpu"), max_batch_size=max_batch_size, compile_cache=Path(sys.argv[2]))
         runner = ModelRunner(artifact, options, "child")
         runner.executor.submit(runner.warmup).result()
+        runner.start_filling()
         got = runner.executor.submit(runner.predict, batch).result()
         difference = float(np.abs(got - expected).max())
         dynamo = any(m.startswith("torch._dynamo") for m in sys.modules)  # a second of every start, when imported
