@@ -283,6 +283,7 @@ CHILD = textwrap.dedent(
     from igcv2.networks import Normalized
     from service.runtime import ModelRunner, RuntimeOptions
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(int(sys.argv[3]))  # the packages' key holds the intra-op threads they were made for
     artifact = load_artifact(Path(sys.argv[1]))
     spec = artifact.config.input
     batch = [np.random.default_rng(b).integers(0, 256, (12, 12, 1), dtype=np.uint8) for b in range(2)]
@@ -310,7 +311,8 @@ def test_a_read_only_cache_loads_what_it_has_and_never_writes(
     (it could not be kept), and a warning says so (once a process: tests/service/test_compile_cache.py)."""
     cache = copy_of(warm_cache[0], tmp_path)
     before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
-    command = read_only(cache, [sys.executable, "-c", CHILD, str(tiny), str(cache)])
+    threads = str(torch.get_num_threads())  # the warm cache's packages were compiled for these
+    command = read_only(cache, [sys.executable, "-c", CHILD, str(tiny), str(cache), threads])
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     results = [json.loads(line) for line in run.stdout.splitlines()]
