@@ -9,9 +9,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import torch
 from live_server import MODEL_STORE, LiveServer
 from PIL import Image
+from tritonclient.utils import InferenceServerException
 
 from igcv2.artifact import load_artifact, read_config, save_artifact, versions
 from igcv2.data import FASHION_MNIST_LABELS, load_dataset
@@ -112,3 +114,10 @@ def probabilities(results: list[dict]) -> np.ndarray:
         for p in result["predictions"]:
             out[i, p["class_id"]] = p["score"]
     return out
+
+
+def refusal(call: object) -> tuple[str, str]:
+    """(status, message) of the InferenceServerException a tritonclient ``call`` raises (HTTP or gRPC)."""
+    with pytest.raises(InferenceServerException) as caught:
+        call()  # type: ignore[operator]
+    return caught.value.status(), caught.value.message()

@@ -26,6 +26,7 @@ from samples import (
     fashion_pngs,
     fashion_test_images,
     probabilities,
+    refusal,
     v2_store,
 )
 from tritonclient.utils import InferenceServerException
@@ -60,13 +61,6 @@ def infer_input(name: str, array: np.ndarray, datatype: str) -> triton.InferInpu
     tensor = triton.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
     return tensor
-
-
-def refusal(call: object) -> tuple[str, str]:
-    """(status, message) of the InferenceServerException ``call`` raises."""
-    with pytest.raises(InferenceServerException) as caught:
-        call()  # type: ignore[operator]
-    return caught.value.status(), caught.value.message()
 
 
 def requests_counted(server: LiveServer, method: str, code: str) -> float:
